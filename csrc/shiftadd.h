@@ -1,0 +1,91 @@
+// Shared declarations of the shiftadd compiled extension: argument checks and the conv
+// geometry that every adder kernel (CPU and CUDA) works from.  Schemas are defined in
+// Python (shiftadd/_ops.py); the C++ files only register implementations.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace shiftadd {
+
+// Geometry of an adder conv2d seen as an implicit GEMM: rows r = (n, oy, ox), columns
+// o (output channel inside a group), reduction k = (c, i, j) inside a group.  A linear
+// layer is the special case H = W = kh = kw = 1.  All indices are 64-bit.
+struct Geom {
+  int64_t N = 0, C = 0, H = 1, W = 1;          // input
+  int64_t xsN = 0, xsC = 0, xsH = 0, xsW = 0;  // input strides, elements (any layout)
+  int64_t O = 0, kh = 1, kw = 1;               // weight O x (C/G) x kh x kw
+  int64_t sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1, G = 1;
+  int64_t Ho = 1, Wo = 1;                      // output spatial size
+  int64_t Cg = 0, Og = 0, K = 0;               // per-group channels and reduction length
+
+  int64_t L() const { return Ho * Wo; }
+  int64_t R() const { return N * Ho * Wo; }
+  int64_t khw() const { return kh * kw; }
+};
+
+enum class GradMode { AdderNet, Exact };
+
+inline GradMode parse_grad_mode(c10::string_view s) {
+  if (s == "addernet") return GradMode::AdderNet;
+  if (s == "exact") return GradMode::Exact;
+  TORCH_CHECK(false, "shiftadd: grad_mode must be 'addernet' or 'exact', got '", std::string(s), "'");
+}
+
+// True when the output should be channels-last: the rule shared with the fake kernels
+// in shiftadd/_ops.py (`_conv_memory_format`), so fake and real strides agree.
+inline bool wants_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline void check_float_pair(const char* op, const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": weight dtype ", w.scalar_type(),
+              " does not match x dtype ", x.scalar_type());
+  TORCH_CHECK(w.device() == x.device(), op, ": weight is on ", w.device(), " but x is on ", x.device());
+}
+
+// Builds and validates the conv geometry; `op` names the operator in error messages.
+inline Geom make_conv_geom(const char* op, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(w.dim() == 4, op, ": weight must be 4-D (O, C/groups, kh, kw), got ", w.dim(), "-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 elements");
+  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": dilation must be positive, got ", dilation);
+  Geom g;
+  g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  g.xsN = x.stride(0); g.xsC = x.stride(1); g.xsH = x.stride(2); g.xsW = x.stride(3);
+  g.O = w.size(0); g.kh = w.size(2); g.kw = w.size(3);
+  g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1];
+  g.dh = dilation[0]; g.dw = dilation[1]; g.G = groups;
+  TORCH_CHECK(g.C % groups == 0, op, ": input channels (", g.C, ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(g.O % groups == 0, op, ": output channels (", g.O, ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(w.size(1) * groups == g.C, op, ": weight has ", w.size(1), " input channels per group but x has ",
+              g.C, " channels and groups=", groups);
+  g.Cg = g.C / groups; g.Og = g.O / groups; g.K = g.Cg * g.kh * g.kw;
+  const int64_t eh = g.dh * (g.kh - 1) + 1, ew = g.dw * (g.kw - 1) + 1;
+  TORCH_CHECK(g.H + 2 * g.ph >= eh && g.W + 2 * g.pw >= ew, op, ": padded input (", g.H + 2 * g.ph, "x",
+              g.W + 2 * g.pw, ") is smaller than the dilated kernel (", eh, "x", ew, ")");
+  g.Ho = (g.H + 2 * g.ph - eh) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - ew) / g.sw + 1;
+  return g;
+}
+
+inline Geom make_linear_geom(const char* op, const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (N, K), got ", x.dim(), "-D");
+  TORCH_CHECK(w.dim() == 2, op, ": weight must be 2-D (O, K), got ", w.dim(), "-D");
+  TORCH_CHECK(x.size(1) == w.size(1), op, ": x has ", x.size(1), " features but weight expects ", w.size(1));
+  Geom g;
+  g.N = x.size(0); g.C = x.size(1); g.xsN = x.stride(0); g.xsC = x.stride(1);
+  g.O = w.size(0); g.Cg = g.C; g.Og = g.O; g.K = g.C;
+  return g;
+}
+
+}  // namespace shiftadd

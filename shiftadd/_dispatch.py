@@ -1,0 +1,230 @@
+"""The one place a backend is chosen, and the reasons every other one was not.
+
+Backends, in the order ``auto`` tries them for each device type:
+
+==============  =====================================================================
+``cuda``        compiled CUDA kernels in ``shiftadd._C`` (CUDA tensors)
+``triton``      Triton kernels in ``shiftadd._triton`` (CUDA tensors; CPU tensors
+                only under ``TRITON_INTERPRET=1``, and only when forced)
+``cpu``         compiled C++/OpenMP kernels in ``shiftadd._C`` (CPU tensors)
+``reference``   pure PyTorch (``shiftadd.reference``): any device, always available
+==============  =====================================================================
+
+``auto`` on CUDA tensors: cuda, then triton, then reference.  On CPU tensors: cpu,
+then reference.  On any other device: reference.  ``SHIFTADD_BACKEND=<name>`` (read at
+import) or ``with shiftadd.use_backend(name):`` force one backend; forcing one that
+cannot run the call raises :class:`BackendUnavailable` with the reason.
+
+The choice is made in Python before the op is called, from module-level state only, so
+``torch.compile`` traces it without a graph break (and guards on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from . import _ops
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+# dtypes each backend computes in (others raise or fall back with the reason)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DTYPES = {
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "cpu": _FLOATS,
+    "reference": _FLOATS,
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run this call; the message says why."""
+
+
+# --------------------------------------------------------------------------------------
+# What is available in this process (computed once, at import)
+# --------------------------------------------------------------------------------------
+
+_C = None
+_C_ERROR: str | None = None
+_TRITON_ERROR: str | None = None
+_TRITON_FAMILIES: tuple = ()
+
+
+def _load_extension() -> None:
+    global _C, _C_ERROR
+    if os.environ.get("SHIFTADD_DISABLE_EXT", "0") == "1":
+        _C_ERROR = "disabled by SHIFTADD_DISABLE_EXT=1"
+        return
+    try:
+        from . import _C as ext  # registers the CPU (and CUDA) kernels of the compiled ops
+    except ImportError as e:
+        _C_ERROR = f"shiftadd._C could not be imported ({e}); it is built by `pip install --no-build-isolation .`"
+        return
+    _C = ext
+
+
+def _load_triton() -> None:
+    global _TRITON_ERROR, _TRITON_FAMILIES
+    if importlib.util.find_spec("triton") is None:
+        _TRITON_ERROR = "triton is not installed (pip install shiftadd[triton])"
+        return
+    if not hasattr(torch.library, "triton_op"):
+        _TRITON_ERROR = f"torch {torch.__version__} has no torch.library.triton_op (needs torch >= 2.6)"
+        return
+    if not (torch.cuda.is_available() or interpret_mode()):
+        _TRITON_ERROR = "no CUDA device is visible (TRITON_INTERPRET=1 runs the Triton kernels on the CPU, for tests)"
+        return
+    try:
+        from . import _triton
+    except Exception as e:  # a broken triton install must not break `import shiftadd`
+        _TRITON_ERROR = f"shiftadd._triton failed to import: {type(e).__name__}: {e}"
+        return
+    _TRITON_FAMILIES = tuple(_triton.FAMILIES)
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _compiled_cuda() -> bool:
+    return _C is not None and bool(getattr(_C, "with_cuda", False))
+
+
+def backend_error(name: str) -> str | None:
+    """Why `name` cannot run at all in this process, or None."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        return _C_ERROR
+    if name == "cuda":
+        if _C is None:
+            return _C_ERROR
+        if not _compiled_cuda():
+            return ("shiftadd._C was built without CUDA (torch had no CUDA or no CUDA toolkit was found at build time; "
+                    "rebuild with CUDA_HOME set or FORCE_CUDA=1)")
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        return None
+    if name == "triton":
+        return _TRITON_ERROR
+    raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS}")
+
+
+def why_not(name: str, family: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why backend `name` cannot run op `family` on tensors of this device and dtype."""
+    err = backend_error(name)
+    if err is not None:
+        return err
+    fams = _TRITON_FAMILIES if name == "triton" else _ops.FAMILIES[name]
+    if family not in fams:
+        return f"the {name} backend has no kernel for {family}"
+    dev = device.type
+    if name == "cpu" and dev != "cpu":
+        return f"the cpu backend serves CPU tensors; these are on {device}"
+    if name == "cuda" and dev != "cuda":
+        return f"the cuda backend serves CUDA tensors; these are on {device}"
+    if name == "triton" and dev != "cuda" and not (dev == "cpu" and interpret_mode()):
+        return f"the triton backend serves CUDA tensors; these are on {device}"
+    if name == "triton" and dev == "cpu" and dtype == torch.bfloat16:
+        return "the Triton interpreter cannot compute in bfloat16"
+    if dtype not in DTYPES[name]:
+        return f"the {name} backend does not compute in {dtype}"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Forcing a backend
+# --------------------------------------------------------------------------------------
+
+_forced: str = os.environ.get("SHIFTADD_BACKEND", "auto").strip().lower() or "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force `name` ("cuda", "triton", "cpu", "reference" or "auto") inside the block.
+
+    The setting is process-wide (not per thread).  Compiled graphs guard on it: code
+    compiled under one backend recompiles when another is forced.
+    """
+    global _forced
+    name = name.strip().lower()
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS + ('auto',)}")
+    old, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = old
+
+
+def forced_backend() -> str:
+    return _forced
+
+
+# --------------------------------------------------------------------------------------
+# The choice
+# --------------------------------------------------------------------------------------
+
+
+def select(family: str, x: torch.Tensor) -> str:
+    """The backend that runs `family` on tensors like `x` (device and dtype)."""
+    forced = _forced
+    if forced != "auto":
+        if forced not in BACKENDS:
+            raise BackendUnavailable(f"SHIFTADD_BACKEND={forced!r} is not a backend; choose from {BACKENDS + ('auto',)}")
+        reason = why_not(forced, family, x.device, x.dtype)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {forced!r} was forced but cannot run shiftadd.{family} on "
+                                     f"{x.device} {x.dtype}: {reason}")
+        return forced
+    for name in AUTO_ORDER.get(x.device.type, ("reference",)):
+        if why_not(name, family, x.device, x.dtype) is None:
+            return name
+    return "reference"
+
+
+def get_op(family: str, x: torch.Tensor):
+    """The registered op of the backend :func:`select` picks."""
+    return _ops.op(select(family, x), family)
+
+
+def explain(device: str | torch.device = "cpu", family: str = "adder_conv2d",
+            dtype: torch.dtype = torch.float32) -> dict:
+    """{backend: None if usable, else the reason} for one op on one device, plus the
+    backend ``auto`` would pick (key "auto")."""
+    device = torch.device(device)
+    out = {name: why_not(name, family, device, dtype) for name in BACKENDS}
+    order = AUTO_ORDER.get(device.type, ("reference",))
+    out["auto"] = next((n for n in order if out[n] is None), "reference")
+    return out
+
+
+_warned = False
+
+
+def warn_once_if_degraded() -> None:
+    """One warning per process when the compiled extension is missing, naming what runs instead."""
+    global _warned
+    if _warned or _C is not None:
+        return
+    _warned = True
+    cuda_sub = "triton" if _TRITON_ERROR is None else "reference"
+    warnings.warn(
+        f"shiftadd: compiled kernels unavailable: {_C_ERROR}. CPU tensors use the 'reference' backend"
+        f" (pure PyTorch, much slower); CUDA tensors use '{cuda_sub}'. `python -m shiftadd.info` shows details.",
+        RuntimeWarning, stacklevel=3)
+
+
+_load_extension()
+_load_triton()

@@ -1,0 +1,263 @@
+"""Every shiftadd operator schema, once: definitions, fake (meta) kernels and autograd.
+
+Each operator family exists once per *backend*, as its own registered op, so that the
+dispatch point (:mod:`shiftadd._dispatch`) can pick any backend for any device and
+``torch.compile`` sees a single opaque op per call::
+
+    shiftadd::adder_conv2d            compiled kernels: C++ (CPU key) and CUDA (CUDA key),
+                                      registered by the extension shiftadd._C
+    shiftadd::triton_adder_conv2d     Triton kernels (shiftadd._triton), CUDA tensors
+    shiftadd::ref_adder_conv2d        pure-PyTorch reference (shiftadd.reference), any device
+
+All variants of a family share the schema, the fake kernel and the autograd formula;
+the backward of a forward op calls the gradient ops *of the same backend*.
+
+Adder families (x, weight and grad_out share one floating dtype; output has x's dtype):
+
+=============================  ==========================================================
+``adder_linear``               x (N, K), weight (O, K) -> (N, O)
+``adder_linear_grad_input``    grad_out (N, O), x, weight, grad_mode -> (N, K)
+``adder_linear_grad_weight``   grad_out (N, O), x, weight, grad_mode -> (O, K)
+``adder_conv2d``               x (N, C, H, W), weight (O, C/groups, kh, kw) -> (N, O, Ho, Wo)
+``adder_conv2d_grad_input``    -> like x (channels-last when x is)
+``adder_conv2d_grad_weight``   -> like weight (contiguous)
+=============================  ==========================================================
+
+Quantizer families (elementwise, contiguous output of the input's shape and dtype):
+``quantize_pot_q``, ``quantize_pot_ps``, ``round_to_fixed``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LIB = torch.library.Library("shiftadd", "DEF")
+
+# Backend name -> prefix of its op names.  "cpu" and "cuda" share the compiled ops (the
+# dispatcher picks the C++ or CUDA kernel by the tensors' device).
+PREFIX = {"cpu": "", "cuda": "", "triton": "triton_", "reference": "ref_"}
+
+_CONV_ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
+
+ADDER_SCHEMAS = {
+    "adder_linear": "(Tensor x, Tensor weight, str grad_mode) -> Tensor",
+    "adder_linear_grad_input": "(Tensor grad_out, Tensor x, Tensor weight, str grad_mode) -> Tensor",
+    "adder_linear_grad_weight": "(Tensor grad_out, Tensor x, Tensor weight, str grad_mode) -> Tensor",
+    "adder_conv2d": f"(Tensor x, Tensor weight, {_CONV_ARGS}, str grad_mode) -> Tensor",
+    "adder_conv2d_grad_input": f"(Tensor grad_out, Tensor x, Tensor weight, {_CONV_ARGS}, str grad_mode) -> Tensor",
+    "adder_conv2d_grad_weight": f"(Tensor grad_out, Tensor x, Tensor weight, {_CONV_ARGS}, str grad_mode) -> Tensor",
+}
+
+QUANT_SCHEMAS = {
+    "quantize_pot_q": "(Tensor weight, int weight_bits, Tensor? noise) -> Tensor",
+    "quantize_pot_ps": "(Tensor shift, Tensor sign, int weight_bits, Tensor? noise) -> Tensor",
+    "round_to_fixed": "(Tensor x, int int_bits, int frac_bits) -> Tensor",
+}
+
+SCHEMAS = {**ADDER_SCHEMAS, **QUANT_SCHEMAS}
+
+# Which families each backend implements.  A backend that lacks a family is skipped by
+# the dispatcher with that reason.
+FAMILIES = {
+    "cpu": tuple(SCHEMAS),
+    "cuda": tuple(SCHEMAS),
+    "triton": tuple(ADDER_SCHEMAS),
+    "reference": tuple(SCHEMAS),
+}
+
+
+def op(backend: str, family: str) -> torch._ops.OpOverload:
+    """The registered overload of ``family`` for ``backend``."""
+    return getattr(torch.ops.shiftadd, PREFIX[backend] + family).default
+
+
+# --------------------------------------------------------------------------------------
+# Shapes and memory formats (shared by fake kernels and the Python backends)
+# --------------------------------------------------------------------------------------
+
+
+def conv_output_size(h: int, w: int, k: tuple, stride, padding, dilation) -> tuple:
+    ho = (h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def conv_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """Outputs are channels-last exactly when x is channels-last and not also contiguous
+    (the rule csrc/shiftadd.h `wants_channels_last` implements for the kernels)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_pair(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    torch._check(x.dtype.is_floating_point, lambda: f"{name}: x must be floating point, got {x.dtype}")
+    torch._check(x.dtype == weight.dtype, lambda: f"{name}: weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    torch._check(x.device == weight.device, lambda: f"{name}: weight is on {weight.device} but x is on {x.device}")
+
+
+def _linear_shape(name, x, weight):
+    _check_pair(name, x, weight)
+    torch._check(x.dim() == 2, lambda: f"{name}: x must be 2-D (N, K), got {x.dim()}-D")
+    torch._check(weight.dim() == 2, lambda: f"{name}: weight must be 2-D (O, K), got {weight.dim()}-D")
+    torch._check(x.shape[1] == weight.shape[1], lambda: f"{name}: x has {x.shape[1]} features, weight expects {weight.shape[1]}")
+    return x.shape[0], weight.shape[0]
+
+
+def _conv_shape(name, x, weight, stride, padding, dilation, groups):
+    _check_pair(name, x, weight)
+    torch._check(x.dim() == 4, lambda: f"{name}: x must be 4-D (N, C, H, W), got {x.dim()}-D")
+    torch._check(weight.dim() == 4, lambda: f"{name}: weight must be 4-D, got {weight.dim()}-D")
+    torch._check(groups > 0 and x.shape[1] == weight.shape[1] * groups and weight.shape[0] % groups == 0,
+                 lambda: f"{name}: channels do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, groups {groups}")
+    ho, wo = conv_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
+    torch._check(ho > 0 and wo > 0, lambda: f"{name}: output would be empty ({ho}x{wo})")
+    return x.shape[0], weight.shape[0], ho, wo
+
+
+# --------------------------------------------------------------------------------------
+# Fake kernels
+# --------------------------------------------------------------------------------------
+
+
+def _fake_adder_linear(x, weight, grad_mode):
+    n, o = _linear_shape("adder_linear", x, weight)
+    return x.new_empty((n, o))
+
+
+def _fake_adder_linear_grad_input(grad_out, x, weight, grad_mode):
+    _linear_shape("adder_linear_grad_input", x, weight)
+    return x.new_empty(x.shape)
+
+
+def _fake_adder_linear_grad_weight(grad_out, x, weight, grad_mode):
+    _linear_shape("adder_linear_grad_weight", x, weight)
+    return weight.new_empty(weight.shape)
+
+
+def _fake_adder_conv2d(x, weight, stride, padding, dilation, groups, grad_mode):
+    shape = _conv_shape("adder_conv2d", x, weight, stride, padding, dilation, groups)
+    return x.new_empty(shape).contiguous(memory_format=conv_memory_format(x))
+
+
+def _fake_adder_conv2d_grad_input(grad_out, x, weight, stride, padding, dilation, groups, grad_mode):
+    _conv_shape("adder_conv2d_grad_input", x, weight, stride, padding, dilation, groups)
+    return x.new_empty(x.shape).contiguous(memory_format=conv_memory_format(x))
+
+
+def _fake_adder_conv2d_grad_weight(grad_out, x, weight, stride, padding, dilation, groups, grad_mode):
+    _conv_shape("adder_conv2d_grad_weight", x, weight, stride, padding, dilation, groups)
+    return weight.new_empty(weight.shape)
+
+
+def _fake_quantize_pot_q(weight, weight_bits, noise):
+    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+
+
+def _fake_quantize_pot_ps(shift, sign, weight_bits, noise):
+    return torch.empty(shift.shape, dtype=shift.dtype, device=shift.device)
+
+
+def _fake_round_to_fixed(x, int_bits, frac_bits):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+_FAKES = {name: globals()[f"_fake_{name}"] for name in SCHEMAS}
+
+
+# --------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------
+
+
+def _adder_autograd(backend: str, family: str):
+    """setup_context / backward for a forward adder op of `backend`: the backward calls
+    that backend's grad_input and grad_weight ops, each only when needed."""
+    gi_op, gw_op = op(backend, family + "_grad_input"), op(backend, family + "_grad_weight")
+
+    def setup_context(ctx, inputs, output):
+        x, weight, *rest = inputs
+        ctx.rest = rest  # conv params..., grad_mode
+        ctx.save_for_backward(x, weight)
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous() if grad.dim() == 2 else grad
+        gx = gi_op(grad, x, weight, *ctx.rest) if ctx.needs_input_grad[0] else None
+        gw = gw_op(grad, x, weight, *ctx.rest) if ctx.needs_input_grad[1] else None
+        return (gx, gw) + (None,) * len(ctx.rest)
+
+    return setup_context, backward
+
+
+def _no_double_backward(name: str):
+    def backward(ctx, grad):
+        raise RuntimeError(f"shiftadd::{name}: double backward (create_graph=True through an adder gradient) "
+                           "is not supported")
+
+    return backward
+
+
+def _st_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _quantize_pot_q_backward(ctx, grad):
+    # straight-through: dL/dW = dL/dWq
+    return grad, None, None
+
+
+def _quantize_pot_ps_backward(ctx, grad):
+    (w,) = ctx.saved_tensors
+    # dL/dP = dL/dW * W * ln 2 ; dL/dS = dL/dW (round, sign and clamp are straight-through)
+    return grad * w * math.log(2.0), grad, None, None
+
+
+def _round_to_fixed_backward(ctx, grad):
+    return grad, None, None
+
+
+_QUANT_BACKWARD = {
+    "quantize_pot_q": _quantize_pot_q_backward,
+    "quantize_pot_ps": _quantize_pot_ps_backward,
+    "round_to_fixed": _round_to_fixed_backward,
+}
+
+
+def _finish_registration(backend: str, family: str) -> None:
+    qualname = "shiftadd::" + PREFIX[backend] + family
+    torch.library.register_fake(qualname, _FAKES[family], lib=LIB)
+    if family in ("adder_linear", "adder_conv2d"):
+        setup, bwd = _adder_autograd(backend, family)
+        torch.library.register_autograd(qualname, bwd, setup_context=setup, lib=LIB)
+    elif family in _QUANT_BACKWARD:
+        torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], setup_context=_st_setup, lib=LIB)
+    else:
+        torch.library.register_autograd(qualname, _no_double_backward(family), lib=LIB)
+
+
+def _register_all() -> None:
+    from . import reference
+
+    for backend in ("cpu", "reference"):  # "cpu" names the compiled ops; kernels come from shiftadd._C
+        for family in SCHEMAS:
+            LIB.define(PREFIX[backend] + family + SCHEMAS[family])
+    for family in SCHEMAS:
+        LIB.impl(PREFIX["reference"] + family, getattr(reference, family), "CompositeExplicitAutograd")
+        for backend in ("cpu", "reference"):
+            _finish_registration(backend, family)
+
+
+def register_triton(impls: dict) -> None:
+    """Registers Triton implementations {family: fn} (called by shiftadd._triton).
+    A forward family must come with both of its gradient families."""
+    for family, fn in impls.items():
+        torch.library.triton_op("shiftadd::" + PREFIX["triton"] + family, fn, mutates_args=(),
+                                schema=SCHEMAS[family])
+    for family in impls:
+        _finish_registration("triton", family)
+
+
+_register_all()

@@ -1,0 +1,321 @@
+"""Public functional API: argument checks, autocast, then one registered op per call.
+
+Adder (AdderNet) layers, ``Y = -sum |X - W| (+ bias)``:
+
+* :func:`adder_linear`  x (*, K), weight (O, K), bias (O,) -> (*, O)
+* :func:`adder_conv2d`  x (N, C, H, W) or (C, H, W), weight (O, C/groups, kh, kw) -> (N, O, Ho, Wo)
+
+Shift (DeepShift) layers: a power-of-two weight, then an ordinary matmul/conv (the
+weight is exact in any float dtype):
+
+* :func:`quantize_pot`, :func:`round_to_fixed`, :func:`shift_linear`, :func:`shift_conv2d`
+
+dtypes: float16, bfloat16, float32, float64 (x, weight and bias alike; float16/bfloat16
+accumulate in float32).  Under autocast the adder ops cast x, weight and bias to the
+autocast dtype, as matmul does, and still accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _dispatch
+
+GRAD_MODES = ("addernet", "exact")
+SHIFT_MODES = ("q", "ps", "pot")
+ROUNDINGS = ("deterministic", "stochastic")
+
+IntPair = Union[int, Sequence[int]]
+
+
+# --------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+
+
+def _check_same(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.device != x.device:
+        raise RuntimeError(f"{name} is on {t.device} but x is on {x.device}; move both to one device")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} dtype {t.dtype} does not match x dtype {x.dtype}")
+
+
+def _check_grad_mode(grad_mode: str) -> None:
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+
+
+def _pair(name: str, v: IntPair, minimum: int) -> tuple:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        what = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be {what}, got {v}")
+    return v
+
+
+def _check_bias(bias, out_features: int, x: torch.Tensor) -> None:
+    if bias is None:
+        return
+    _check_tensor("bias", bias)
+    _check_same("bias", bias, x)
+    if bias.shape != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+
+
+def _autocast(*tensors):
+    """Under autocast, cast to the autocast dtype (like matmul); else unchanged."""
+    x = tensors[0]
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return tuple(None if t is None else t.to(dt) for t in tensors)
+    return tensors
+
+
+# --------------------------------------------------------------------------------------
+# adder
+# --------------------------------------------------------------------------------------
+
+
+def adder_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 grad_mode: str = "addernet") -> torch.Tensor:
+    """Adder (L1) linear layer: ``y[..., o] = -sum_k |x[..., k] - weight[o, k]| + bias[o]``.
+
+    x (*, K), weight (O, K), bias (O,) or None -> (*, O), x's dtype.
+    grad_mode "addernet" (default): full-precision weight gradient and HardTanh input
+    gradient (AdderNet); "exact": the true (sign) derivative.
+    """
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    _check_grad_mode(grad_mode)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features)")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, weight expects {weight.shape[1]}")
+    x, weight, bias = _autocast(x, weight, bias)
+    _check_same("weight", weight, x)
+    _check_bias(bias, weight.shape[0], x)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _dispatch.get_op("adder_linear", x2)(x2, weight, grad_mode)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, weight.shape[0])
+
+
+def _same_padding(weight: torch.Tensor, stride: tuple, dilation: tuple):
+    """'same' padding per side (top, bottom, left, right), as nn.Conv2d computes it."""
+    if stride != (1, 1):
+        raise ValueError("padding='same' needs stride 1 (as torch.nn.functional.conv2d)")
+    pads = []
+    for k, d in zip(weight.shape[2:], dilation):
+        total = d * (k - 1)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
+def resolve_padding(padding, weight, stride, dilation, x: torch.Tensor):
+    """Turns 'valid' / 'same' / int / pair into (x, (ph, pw)); asymmetric 'same'
+    padding is applied to x with zeros (what the kernels would read anyway)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return x, (0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        (t, b), (l, r) = _same_padding(weight, stride, dilation)
+        if t == b and l == r:
+            return x, (t, l)
+        return F.pad(x, (l, r, t, b)), (0, 0)
+    return x, _pair("padding", padding, 0)
+
+
+def adder_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: IntPair = 1,
+                 padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1,
+                 grad_mode: str = "addernet") -> torch.Tensor:
+    """Adder (L1) 2-D convolution (AdderNet): ``y[n, o, p] = -sum_k |patch_p[k] - weight[o, k]| + bias[o]``.
+
+    x (N, C, H, W) or unbatched (C, H, W); weight (O, C/groups, kh, kw); bias (O,) or None
+    -> (N, O, Ho, Wo) (or (O, Ho, Wo)), x's dtype, channels-last when x is.
+    Arguments as :func:`torch.nn.functional.conv2d`; padded positions are zeros of x, so
+    they contribute -|w|.  grad_mode as :func:`adder_linear`.
+    """
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    _check_grad_mode(grad_mode)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (out_channels, in_channels/groups, kh, kw), got shape {tuple(weight.shape)}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"x must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(x.shape)}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride, dilation = _pair("stride", stride, 1), _pair("dilation", dilation, 1)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    C, O = x.shape[1], weight.shape[0]
+    if C % groups:
+        raise ValueError(f"in_channels ({C}) must be divisible by groups ({groups})")
+    if O % groups:
+        raise ValueError(f"out_channels ({O}) must be divisible by groups ({groups})")
+    if weight.shape[1] * groups != C:
+        raise ValueError(f"weight expects {weight.shape[1] * groups} input channels (shape {tuple(weight.shape)}, "
+                         f"groups={groups}) but x has {C}")
+    x, weight, bias = _autocast(x, weight, bias)
+    _check_same("weight", weight, x)
+    _check_bias(bias, O, x)
+    x, padding = resolve_padding(padding, weight, stride, dilation, x)
+    for dim, k, s, p, d in zip((2, 3), weight.shape[2:], stride, padding, dilation):
+        if x.shape[dim] + 2 * p < d * (k - 1) + 1:
+            raise ValueError(f"input size {tuple(x.shape[2:])} with padding {padding} is smaller than the dilated "
+                             f"kernel ({d * (k - 1) + 1} along dim {dim})")
+    y = _dispatch.get_op("adder_conv2d", x)(x, weight, stride, padding, dilation, groups, grad_mode)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y.squeeze(0) if unbatched else y
+
+
+# --------------------------------------------------------------------------------------
+# shift
+# --------------------------------------------------------------------------------------
+
+
+def _noise(like: torch.Tensor, rounding: str, generator: Optional[torch.Generator]):
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding == "deterministic":
+        return None
+    return torch.rand(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+
+
+def quantize_pot(weight: torch.Tensor, weight_bits: int = 5, *, mode: str = "q", sign: Optional[torch.Tensor] = None,
+                 rounding: str = "deterministic", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Power-of-two weight (DeepShift), straight-through gradients.
+
+    mode "q": ``weight`` is a float weight; returns sign(w) * 2^round(log2 |w|) with |w|
+    clamped into [2^-(2^(b-1)-1), 1] (dL/dw = dL/dwq).
+    mode "ps": ``weight`` is the shift P and ``sign`` the sign S; returns
+    2^round(clamp(P, -(2^(b-1)-2), 0)) * sign(round(S)) (dL/dS = dL/dW, dL/dP = dL/dW * W * ln 2).
+    rounding "stochastic" rounds the exponent down or up with probability of the fraction.
+    Any shape; returns the input's shape and dtype.
+    """
+    _check_tensor("weight", weight)
+    if not isinstance(weight_bits, int) or not 2 <= weight_bits <= 8:
+        raise ValueError(f"weight_bits must be an int in [2, 8], got {weight_bits!r}")
+    if mode == "q":
+        if sign is not None:
+            raise ValueError("sign is only used with mode='ps'")
+        return _dispatch.get_op("quantize_pot_q", weight)(weight, weight_bits, _noise(weight, rounding, generator))
+    if mode == "ps":
+        if sign is None:
+            raise ValueError("mode='ps' needs the sign tensor (sign=...)")
+        _check_tensor("sign", sign)
+        if sign.shape != weight.shape:
+            raise ValueError(f"sign shape {tuple(sign.shape)} does not match shift shape {tuple(weight.shape)}")
+        if sign.device != weight.device or sign.dtype != weight.dtype:
+            raise TypeError(f"sign ({sign.dtype}, {sign.device}) must match shift ({weight.dtype}, {weight.device})")
+        return _dispatch.get_op("quantize_pot_ps", weight)(weight, sign, weight_bits,
+                                                           _noise(weight, rounding, generator))
+    raise ValueError(f"mode must be 'q' or 'ps', got {mode!r}")
+
+
+def round_to_fixed(x: torch.Tensor, int_bits: int = 16, frac_bits: int = 16) -> torch.Tensor:
+    """Fixed-point rounding (DeepShift): clamp(floor(x 2^f) 2^-f, -2^(i-1), 2^(i-1) - 1),
+    straight-through gradient.  Any shape; same shape and dtype."""
+    _check_tensor("x", x)
+    for name, v, lo in (("int_bits", int_bits, 1), ("frac_bits", frac_bits, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= 64:
+            raise ValueError(f"{name} must be an int in [{lo}, 64], got {v!r}")
+    return _dispatch.get_op("round_to_fixed", x)(x, int_bits, frac_bits)
+
+
+def _shift_weight(weight, sign, mode, weight_bits, rounding, generator):
+    if mode not in SHIFT_MODES:
+        raise ValueError(f"mode must be one of {SHIFT_MODES}, got {mode!r}")
+    if mode == "pot":
+        _check_tensor("weight", weight)
+        return weight
+    return quantize_pot(weight, weight_bits, mode=mode, sign=sign, rounding=rounding, generator=generator)
+
+
+def _act_bits(act_bits):
+    if act_bits is None:
+        return None
+    if isinstance(act_bits, (tuple, list)) and len(act_bits) == 2:
+        return int(act_bits[0]), int(act_bits[1])
+    raise ValueError(f"act_bits must be None or (int_bits, frac_bits), got {act_bits!r}")
+
+
+def shift_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, mode: str = "q",
+                 sign: Optional[torch.Tensor] = None, weight_bits: int = 5, act_bits=None,
+                 rounding: str = "deterministic", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Shift linear layer (DeepShift): ``y = x W_pot^T + bias``.
+
+    x (*, K), weight (O, K) -> (*, O).  mode "q": weight is the float weight; "ps": weight is
+    the shift P with ``sign`` S; "pot": weight is already power-of-two (used as is).
+    act_bits (int_bits, frac_bits) rounds x and bias to fixed point first.
+    """
+    _check_tensor("x", x)
+    act = _act_bits(act_bits)
+    w = _shift_weight(weight, sign, mode, weight_bits, rounding, generator)
+    if act is not None:
+        x = round_to_fixed(x, *act)
+        bias = None if bias is None else round_to_fixed(bias, *act)
+    return F.linear(x, w, bias)
+
+
+def shift_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: IntPair = 1,
+                 padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1, *, mode: str = "q",
+                 sign: Optional[torch.Tensor] = None, weight_bits: int = 5, act_bits=None,
+                 rounding: str = "deterministic", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Shift 2-D convolution (DeepShift): conv2d with a power-of-two weight.
+
+    x (N, C, H, W) or (C, H, W), weight (O, C/groups, kh, kw) -> (N, O, Ho, Wo); other
+    arguments as :func:`torch.nn.functional.conv2d` and :func:`shift_linear`.
+    """
+    _check_tensor("x", x)
+    act = _act_bits(act_bits)
+    w = _shift_weight(weight, sign, mode, weight_bits, rounding, generator)
+    if act is not None:
+        x = round_to_fixed(x, *act)
+        bias = None if bias is None else round_to_fixed(bias, *act)
+    return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+
+def adaptive_grad_scale(weight: torch.Tensor, eta: Optional[float]) -> torch.Tensor:
+    """Identity whose backward rescales the weight gradient (AdderNet eq. 13):
+    ``g <- g * eta * sqrt(numel(g)) / max(||g||_2, 1e-12)``.  eta None: plain identity."""
+    if eta is None or not (weight.requires_grad and torch.is_grad_enabled()):
+        return weight
+    return _EtaScale.apply(weight, float(eta))
+
+
+class _EtaScale(torch.autograd.Function):
+    @staticmethod
+    def forward(w, eta):
+        return w.view_as(w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.eta = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        scale = ctx.eta * math.sqrt(g.numel()) / torch.linalg.vector_norm(g).clamp_min(1e-12)
+        return g * scale, None

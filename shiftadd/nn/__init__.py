@@ -1,0 +1,4 @@
+from .adder import AdderConv2d, AdderLinear
+from .shift import ShiftConv2d, ShiftLinear
+from .shiftadd import ShiftAddConv2d
+__all__ = ["AdderConv2d", "AdderLinear", "ShiftConv2d", "ShiftLinear", "ShiftAddConv2d"]

@@ -1,0 +1,57 @@
+"""Helpers shared by the shiftadd modules: nn.Conv2d-compatible argument handling."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class ConvArgs:
+    """The nn.Conv2d geometry attributes, checked as nn.Conv2d checks them."""
+
+    def _init_conv_args(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                        padding_mode):
+        if groups <= 0 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
+                             f"groups ({groups})")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding)
+        self.padding_mode = padding_mode
+        if isinstance(self.padding, tuple):
+            self._reversed_padding_repeated_twice = _reverse_repeat_tuple(self.padding, 2)
+        else:
+            pads = []
+            for d, k in zip(self.dilation, self.kernel_size):
+                total = d * (k - 1) if self.padding == "same" else 0
+                pads = [total // 2, total - total // 2] + pads
+            self._reversed_padding_repeated_twice = tuple(pads)
+
+    def _pad_input(self, x):
+        """Non-zero padding modes pad x here; returns (x, padding for the kernel)."""
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
+
+    def _conv_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s

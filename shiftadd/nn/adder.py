@@ -1,0 +1,89 @@
+"""Adder (AdderNet) layers: drop-in replacements for nn.Conv2d and nn.Linear.
+
+``y = -sum |x - w|`` over each receptive field, weight gradient scaled adaptively per
+layer (AdderNet eq. 13, ``eta``), weights initialised N(0, 1) as in AdderNet.  Put a
+BatchNorm after each adder layer: the outputs are all <= 0 and scale with the fan-in.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import functional as SF
+from ._common import ConvArgs
+
+
+def _check_eta(eta):
+    if eta is not None and not (isinstance(eta, (int, float)) and eta > 0):
+        raise ValueError(f"eta must be a positive number or None, got {eta!r}")
+    return None if eta is None else float(eta)
+
+
+class AdderConv2d(ConvArgs, nn.Module):
+    """Adder 2-D convolution.
+
+    Args as :class:`torch.nn.Conv2d` (bias defaults to False, as AdderNet), plus
+    ``eta`` (adaptive gradient scale, 0.2 as AdderNet; None turns it off) and
+    ``grad_mode`` ("addernet": full-precision weight grad and HardTanh input grad;
+    "exact": sign).  Input (N, C, H, W) or (C, H, W); output (N, O, Ho, Wo).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, eta: Optional[float] = 0.2, grad_mode: str = "addernet",
+                 padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__()
+        self._init_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        SF._check_grad_mode(grad_mode)
+        self.eta, self.grad_mode = _check_eta(eta), grad_mode
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, padding = self._pad_input(x)
+        w = SF.adaptive_grad_scale(self.weight, self.eta)
+        return SF.adder_conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups, self.grad_mode)
+
+    def extra_repr(self) -> str:
+        return (self._conv_repr() + f", bias={self.bias is not None}, eta={self.eta}, grad_mode={self.grad_mode}")
+
+
+class AdderLinear(nn.Module):
+    """Adder linear layer: ``y[..., o] = -sum_k |x[..., k] - w[o, k]| (+ bias)``.
+
+    Args as :class:`torch.nn.Linear` (bias defaults to False), plus ``eta`` and
+    ``grad_mode`` as :class:`AdderConv2d`.  Input (*, in_features); output (*, out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, eta: Optional[float] = 0.2,
+                 grad_mode: str = "addernet", device=None, dtype=None):
+        super().__init__()
+        SF._check_grad_mode(grad_mode)
+        self.in_features, self.out_features = in_features, out_features
+        self.eta, self.grad_mode = _check_eta(eta), grad_mode
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = SF.adaptive_grad_scale(self.weight, self.eta)
+        return SF.adder_linear(x, w, self.bias, self.grad_mode)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"eta={self.eta}, grad_mode={self.grad_mode}")
