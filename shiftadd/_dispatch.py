@@ -87,8 +87,10 @@ def _load_triton() -> None:
         return
     try:
         from . import _triton
+
+        _ops.register_triton(_triton.FAMILIES)
     except Exception as e:  # a broken triton install must not break `import shiftadd`
-        _TRITON_ERROR = f"shiftadd._triton failed to import: {type(e).__name__}: {e}"
+        _TRITON_ERROR = f"shiftadd._triton failed to load: {type(e).__name__}: {e}"
         return
     _TRITON_FAMILIES = tuple(_triton.FAMILIES)
 

@@ -10,7 +10,7 @@ REFERENCE §2.  With b = weight_bits:
 
 ``round`` is half-to-even (torch.round).  ``noise`` (uniform [0, 1), the weight's shape)
 makes it stochastic: ``floor(v) + (u < v - floor(v))``, DeepShift's floor plus Bernoulli
-of the fraction.  round(log2 a) is computed exactly: with a = m 2^e, m in [0.5, 1),
+of the fraction.  A NaN weight, shift or sign gives NaN (never a silent 0).  round(log2 a) is computed exactly: with a = m 2^e, m in [0.5, 1),
 round(log2 a) = e - [m^2 < 1/2].  The quantizers compute in float64 (exact for every
 input dtype); round_to_fixed in the input's precision (float32 for 16-bit types).
 The compiled kernels (csrc/cpu/shift.cpp) follow the same steps bit for bit.
@@ -51,7 +51,8 @@ def quantize_pot_q(weight: torch.Tensor, weight_bits: int = 5, noise: torch.Tens
     else:
         p = _round_exponent(torch.log2(a), noise)
     p = p.clamp(lo, hi)
-    return (torch.sign(w) * torch.exp2(p)).to(weight.dtype)
+    out = torch.sign(w) * torch.exp2(p)
+    return torch.where(w.isnan(), w, out).to(weight.dtype)  # NaN stays NaN (torch.sign(NaN) is 0)
 
 
 def quantize_pot_ps(shift: torch.Tensor, sign: torch.Tensor, weight_bits: int = 5,
@@ -60,7 +61,8 @@ def quantize_pot_ps(shift: torch.Tensor, sign: torch.Tensor, weight_bits: int = 
     lo, hi = shift_range(weight_bits, "ps")
     p = _round_exponent(shift.to(torch.float64).clamp(lo, hi), noise)
     s = torch.sign(torch.round(sign.to(torch.float64)))
-    return (torch.exp2(p) * s).to(shift.dtype)
+    out = torch.exp2(p) * s
+    return out.masked_fill(shift.isnan() | sign.isnan(), float("nan")).to(shift.dtype)
 
 
 def round_to_fixed(x: torch.Tensor, int_bits: int = 16, frac_bits: int = 16) -> torch.Tensor:

@@ -1,0 +1,217 @@
+"""Power-of-two quantizers and shift layers (REFERENCE §2)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import op
+from hypothesis import given
+from hypothesis import strategies as st
+
+import shiftadd
+from shiftadd import _dispatch
+from shiftadd.reference import shift_range
+
+QUANT_BACKENDS = ["cuda", "triton", "cpu", "reference"]
+FAST_BACKENDS = ["cuda", "triton", "cpu"]  # compared against the reference
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def usable(backend, family, device, dtype):
+    reason = _dispatch.why_not(backend, family, torch.device(device), dtype)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+
+
+# --------------------------------------------------------------------------------------
+# the reference against the written rules
+# --------------------------------------------------------------------------------------
+
+
+def test_q_rule_by_hand():
+    w = torch.tensor([0.3, -0.3, 0.75, 0.7, 1e-9, -5.0, 0.0, 2 ** -2.5 + 1e-7, 2 ** -2.5 - 1e-7], dtype=torch.float64)
+    q = op("reference", "quantize_pot_q")(w, 5, None)
+    # log2 0.3 = -1.74 -> -2; 0.75 -> -0.415 -> 0; 0.7 -> -0.515 -> -1; tiny -> clamp 2^-15; -5 -> clamp 1
+    want = torch.tensor([0.25, -0.25, 1.0, 0.5, 2.0 ** -15, -1.0, 0.0, 0.25, 0.125], dtype=torch.float64)
+    torch.testing.assert_close(q, want, rtol=0, atol=0)
+
+
+def test_ps_rule_by_hand():
+    p = torch.tensor([-1.4, -1.6, 3.0, -20.0, -2.5, -3.5], dtype=torch.float64)
+    s = torch.tensor([0.7, -0.7, 0.2, -1.0, 1.0, -0.51], dtype=torch.float64)
+    w = op("reference", "quantize_pot_ps")(p, s, 5, None)
+    # round half to even: -2.5 -> -2, -3.5 -> -4; clamp P into [-14, 0]; sign(round(0.2)) = 0
+    want = torch.tensor([0.5, -0.25, 0.0, -(2.0 ** -14), 0.25, -(2.0 ** -4)], dtype=torch.float64)
+    torch.testing.assert_close(w, want, rtol=0, atol=0)
+
+
+def test_round_to_fixed_rule_by_hand():
+    x = torch.tensor([0.3, -0.3, 1e6, -1e6, 2.75], dtype=torch.float64)
+    y = op("reference", "round_to_fixed")(x, 4, 2)
+    # floor(x * 4) / 4, clamped into [-8, 7]
+    torch.testing.assert_close(y, torch.tensor([0.25, -0.5, 7.0, -8.0, 2.75], dtype=torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_shift_ranges(bits):
+    assert shift_range(bits, "q") == (-(2 ** (bits - 1) - 1), 0)
+    assert shift_range(bits, "ps") == (-(2 ** (bits - 1) - 2), 0)
+    w = torch.logspace(-140, 2, 1000, base=2, dtype=torch.float64)
+    q = op("reference", "quantize_pot_q")(torch.cat([w, -w]), bits, None)
+    e = torch.log2(q.abs())
+    assert e.min() == shift_range(bits, "q")[0] and e.max() == 0 and torch.equal(e, e.round())
+
+
+# --------------------------------------------------------------------------------------
+# backends against the reference: bit-exact
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@given(bits=st.integers(2, 8), n=st.integers(0, 300), scale=st.sampled_from([1e-3, 0.1, 1.0, 10.0]),
+       stochastic=st.booleans())
+def test_quantize_q_bit_exact(backend, dtype, device, bits, n, scale, stochastic):
+    usable(backend, "quantize_pot_q", device, dtype)
+    w = (torch.randn(n, device=device) * scale).to(dtype)
+    noise = torch.rand(n, device=device).to(dtype) if stochastic else None
+    got = op(backend, "quantize_pot_q")(w, bits, noise)
+    want = op("reference", "quantize_pot_q")(w, bits, noise)
+    assert got.dtype == dtype and got.shape == w.shape
+    if stochastic:  # log2 may differ by an ulp between libms: allow a rare flip at the boundary
+        assert (got != want).sum().item() <= max(1, n // 100)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@given(bits=st.integers(2, 8), n=st.integers(0, 300), stochastic=st.booleans())
+def test_quantize_ps_bit_exact(backend, dtype, device, bits, n, stochastic):
+    usable(backend, "quantize_pot_ps", device, dtype)
+    p = (torch.rand(n, device=device) * 20 - 17).to(dtype)
+    p[: n // 5] = p[: n // 5].round() + 0.5  # exact ties
+    s = (torch.rand(n, device=device) * 2 - 1).to(dtype)
+    noise = torch.rand(n, device=device).to(dtype) if stochastic else None
+    got = op(backend, "quantize_pot_ps")(p, s, bits, noise)
+    want = op("reference", "quantize_pot_ps")(p, s, bits, noise)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@given(ib=st.integers(1, 20), fb=st.integers(0, 20), n=st.integers(0, 300))
+def test_round_to_fixed_bit_exact(backend, dtype, device, ib, fb, n):
+    usable(backend, "round_to_fixed", device, dtype)
+    x = (torch.randn(n, device=device) * 2 ** (ib - 1)).to(dtype)
+    torch.testing.assert_close(op(backend, "round_to_fixed")(x, ib, fb), op("reference", "round_to_fixed")(x, ib, fb),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_quantizers_special_values(backend, device):
+    usable(backend, "quantize_pot_q", device, torch.float32)
+    v = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0], device=device)
+    for fam, args in (("quantize_pot_q", (v, 5, None)), ("quantize_pot_ps", (v, v.flip(0), 5, None)),
+                      ("round_to_fixed", (v, 16, 16))):
+        torch.testing.assert_close(op(backend, fam)(*args), op("reference", fam)(*args), equal_nan=True,
+                                   rtol=0, atol=0)
+
+
+def test_quantize_non_contiguous_input():
+    w = torch.randn(6, 8)[:, ::2]
+    torch.testing.assert_close(shiftadd.quantize_pot(w), op("reference", "quantize_pot_q")(w.contiguous(), 5, None))
+
+
+# --------------------------------------------------------------------------------------
+# gradients
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", QUANT_BACKENDS)
+def test_straight_through_gradients(backend, device):
+    usable(backend, "quantize_pot_ps", device, torch.float32)
+    g = torch.randn(5, 7, device=device)
+    w = torch.randn(5, 7, device=device, requires_grad=True)
+    (gw,) = torch.autograd.grad(op(backend, "quantize_pot_q")(w, 5, None), w, g)
+    torch.testing.assert_close(gw, g, rtol=0, atol=0)  # dL/dW = dL/dWq
+
+    p = (torch.rand(5, 7, device=device) * -10).requires_grad_()
+    s = (torch.rand(5, 7, device=device) * 2 - 1).requires_grad_()
+    wq = op(backend, "quantize_pot_ps")(p, s, 5, None)
+    gp, gs = torch.autograd.grad(wq, (p, s), g)
+    torch.testing.assert_close(gs, g, rtol=0, atol=0)  # dL/dS = dL/dW
+    torch.testing.assert_close(gp, g * wq.detach() * math.log(2.0))  # dL/dP = dL/dW * W * ln 2
+
+    x = torch.randn(5, 7, device=device, requires_grad=True)
+    (gx,) = torch.autograd.grad(op(backend, "round_to_fixed")(x, 4, 3), x, g)
+    torch.testing.assert_close(gx, g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family,args", [
+    ("quantize_pot_q", lambda: (torch.randn(4, 6, requires_grad=True), 5, None)),
+    ("quantize_pot_q", lambda: (torch.randn(4, 6, requires_grad=True), 3, torch.rand(4, 6))),
+    ("quantize_pot_ps", lambda: (torch.rand(4, 6, requires_grad=True) * -8, torch.randn(4, 6, requires_grad=True), 5,
+                                 None)),
+    ("round_to_fixed", lambda: (torch.randn(4, 6, requires_grad=True), 8, 8)),
+])
+@pytest.mark.parametrize("backend", QUANT_BACKENDS)
+def test_opcheck(backend, family, args):
+    usable(backend, family, "cpu", torch.float32)
+    torch.library.opcheck(op(backend, family), args())
+
+
+def test_stochastic_rounding_is_unbiased_in_the_log_domain():
+    torch.manual_seed(0)
+    w = torch.full((200_000,), 0.3)
+    q = shiftadd.quantize_pot(w, rounding="stochastic")
+    assert set(q.unique().tolist()) == {0.25, 0.5}
+    assert abs(torch.log2(q).mean().item() - math.log2(0.3)) < 0.01
+    p = torch.full((200_000,), -2.3)
+    wq = shiftadd.quantize_pot(p, mode="ps", sign=torch.ones_like(p), rounding="stochastic")
+    assert abs(torch.log2(wq).mean().item() + 2.3) < 0.01
+
+
+def test_stochastic_rounding_follows_the_generator():
+    w = torch.randn(100)
+    a = shiftadd.quantize_pot(w, rounding="stochastic", generator=torch.Generator().manual_seed(3))
+    b = shiftadd.quantize_pot(w, rounding="stochastic", generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# shift layers (functional)
+# --------------------------------------------------------------------------------------
+
+
+def test_shift_linear_is_linear_with_the_pot_weight():
+    x, w, b = torch.randn(3, 5, 8), torch.randn(6, 8), torch.randn(6)
+    wq = op("reference", "quantize_pot_q")(w, 5, None)
+    torch.testing.assert_close(shiftadd.shift_linear(x, w, b), F.linear(x, wq, b))
+    torch.testing.assert_close(shiftadd.shift_linear(x, wq, b, mode="pot"), F.linear(x, wq, b))
+    xr, br = (op("reference", "round_to_fixed")(t, 4, 4) for t in (x, b))
+    torch.testing.assert_close(shiftadd.shift_linear(x, w, b, act_bits=(4, 4)), F.linear(xr, wq, br))
+
+
+def test_shift_conv2d_is_conv_with_the_pot_weight():
+    x = torch.randn(2, 4, 9, 9)
+    p, s = torch.rand(6, 2, 3, 3) * -6, torch.randn(6, 2, 3, 3)
+    wq = op("reference", "quantize_pot_ps")(p, s, 4, None)
+    got = shiftadd.shift_conv2d(x, p, None, 2, 1, 1, 2, mode="ps", sign=s, weight_bits=4)
+    torch.testing.assert_close(got, F.conv2d(x, wq, None, 2, 1, 1, 2))
+
+
+def test_shift_conv2d_gradients_flow_to_shift_and_sign():
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    p = (torch.rand(4, 3, 3, 3) * -6).requires_grad_()
+    s = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = shiftadd.shift_conv2d(x, p, padding=1, mode="ps", sign=s)
+    y.square().sum().backward()
+    wq = op("reference", "quantize_pot_ps")(p.detach(), s.detach(), 5, None)
+    xd = x.detach().requires_grad_()
+    wd = wq.clone().requires_grad_()
+    F.conv2d(xd, wd, padding=1).square().sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad)
+    torch.testing.assert_close(s.grad, wd.grad)
+    torch.testing.assert_close(p.grad, wd.grad * wq * math.log(2.0))

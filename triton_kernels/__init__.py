@@ -1,0 +1,9 @@
+"""Triton kernels of shiftadd, installed as ``shiftadd._triton`` (the top-level name
+``triton_kernels`` belongs to the Triton project).  Imports only torch and triton.
+
+``FAMILIES`` maps each operator family (see shiftadd/_ops.py) to its launcher; the
+launchers take the op schema's arguments and are registered as
+``shiftadd::triton_<family>`` with ``torch.library.triton_op``.
+"""
+
+FAMILIES = {}
