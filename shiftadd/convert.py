@@ -19,14 +19,22 @@ _SHIFT_KW = ("mode", "weight_bits", "act_bits", "rounding")
 _ADDER_KW = ("eta", "grad_mode")
 
 
-def _candidates(model: nn.Module, layers: Iterable[str]):
-    kinds = {"conv": nn.Conv2d, "linear": nn.Linear}
-    wanted = tuple(kinds[k] for k in layers)
-    out = []
-    for parent_name, parent in model.named_modules():
+def _candidates(model: nn.Module):
+    """(parent, attribute name, layer) of every nn.Conv2d / nn.Linear, in module order
+    (depth-first, as model.modules() lists them).  Exact types only: subclasses may carry
+    other semantics."""
+    out, seen = [], set()
+
+    def walk(parent):
         for name, child in parent.named_children():
-            if type(child) in wanted:  # exact types: subclasses may carry other semantics
-                out.append((parent, name, child))
+            if type(child) in (nn.Conv2d, nn.Linear):
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    out.append((parent, name, child))
+            else:
+                walk(child)
+
+    walk(model)
     return out
 
 
@@ -105,7 +113,7 @@ def convert(model: nn.Module, to: str = "shift", skip_first: bool = True, skip_l
         raise TypeError(f"unknown layer arguments {sorted(unknown)}; accepted: {_SHIFT_KW + _ADDER_KW}")
     if depth is not None and depth < 0:
         raise ValueError(f"depth must be >= 0 or None, got {depth}")
-    cands = _candidates(model, ("conv", "linear"))
+    cands = _candidates(model)
     chosen = list(range(len(cands)))
     if skip_first and chosen:
         chosen = chosen[1:]

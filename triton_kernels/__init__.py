@@ -6,4 +6,6 @@ launchers take the op schema's arguments and are registered as
 ``shiftadd::triton_<family>`` with ``torch.library.triton_op``.
 """
 
-FAMILIES = {}
+from .adder import FAMILIES as _ADDER_FAMILIES
+
+FAMILIES = {**_ADDER_FAMILIES}

@@ -6,10 +6,13 @@
 //   round_to_fixed(x, i, f)          clamp(floor(x 2^f) 2^-f, -2^(i-1), 2^(i-1) - 1)
 //
 // round() is half-to-even (torch.round); with `noise` u in [0, 1) it is stochastic,
-// floor(v) + (u < frac(v)).  round(log2 a) is computed exactly from frexp, without log2.
+// floor(v) + (u < frac(v)).  round(log2 a) is computed exactly from the IEEE exponent
+// and mantissa, without log2; 2^p from the exponent bits.
 // Shift linear/conv on the CPU use ATen's matmul/conv on the decoded weight (Python side).
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,16 +26,48 @@ namespace {
 
 constexpr int64_t kGrain = 16384;
 
-// round(log2 a) for a > 0, exactly: a = m 2^e with m in [0.5, 1), and
-// log2 m >= -1/2  <=>  m^2 >= 1/2.
+// Exact helpers on IEEE doubles, written without libm calls so the loops vectorise.
+inline uint64_t bits_of(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+inline double from_bits(uint64_t b) {
+  double v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+// round(log2 a) for a normal, positive double, exactly: a = m 2^e with m in [1, 2), and
+// log2 m >= 1/2  <=>  m^2 >= 2.
 inline int64_t round_log2(double a) {
-  int e = 0;
-  const double m = std::frexp(a, &e);
-  return e + (m * m >= 0.5 ? 0 : -1);
+  const uint64_t b = bits_of(a);
+  const int64_t e = (int64_t)((b >> 52) & 0x7ff) - 1023;
+  const double m = from_bits((b & 0xfffffffffffffULL) | (1023ULL << 52));
+  return e + (m * m >= 2.0 ? 1 : 0);
+}
+
+// 2^p for an integer p in the normal range, exactly.
+inline double exp2_int(int64_t p) { return from_bits((uint64_t)(p + 1023) << 52); }
+
+// Round half to even (torch.round) in the default rounding mode, for |v| < 2^52.
+inline double round_even(double v) {
+  const double magic = 4503599627370496.0;  // 2^52
+  const double r = (std::fabs(v) + magic) - magic;
+  return std::copysign(r, v);
+}
+
+// floor(v) exactly in precision A (float or double).
+template <typename A>
+inline A floor_exact(A v) {
+  const A magic = std::is_same<A, double>::value ? (A)4503599627370496.0 : (A)8388608.0;  // 2^52 or 2^23
+  if (!(std::fabs(v) < magic)) return v;  // already an integer (or inf / NaN)
+  const A t = std::copysign((std::fabs(v) + magic) - magic, v);
+  return t > v ? t - A(1) : t;
 }
 
 inline double stochastic_floor(double v, double u) {
-  const double fl = std::floor(v);
+  const double fl = floor_exact(v);
   return fl + (u < v - fl ? 1.0 : 0.0);
 }
 
@@ -72,12 +107,12 @@ at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     elementwise(out, [&](int64_t i) {
       const double v = static_cast<double>(wp[i]);
-      if (std::isnan(v)) { op_[i] = static_cast<scalar_t>(v); return; }
-      const double s = v > 0 ? 1.0 : (v < 0 ? -1.0 : 0.0);
       const double a = std::min(std::max(std::fabs(v), lo), 1.0);
-      double p = up ? stochastic_floor(std::log2(a), static_cast<double>(up[i])) : (double)round_log2(a);
-      p = std::min(std::max(p, (double)min_p), 0.0);
-      op_[i] = static_cast<scalar_t>(s * std::ldexp(1.0, (int)p));
+      int64_t p = up ? (int64_t)stochastic_floor(std::log2(a), static_cast<double>(up[i])) : round_log2(a);
+      p = std::min<int64_t>(std::max<int64_t>(p, min_p), 0);
+      const double r = exp2_int(p);
+      const double q = v > 0 ? r : (v < 0 ? -r : 0.0);
+      op_[i] = static_cast<scalar_t>(v != v ? v : q);  // NaN stays NaN
     });
   });
   return out;
@@ -105,12 +140,12 @@ at::Tensor quantize_pot_ps(const at::Tensor& shift, const at::Tensor& sign, int6
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     elementwise(out, [&](int64_t i) {
       const double pv = static_cast<double>(pp[i]), sv = static_cast<double>(sp[i]);
-      if (std::isnan(pv) || std::isnan(sv)) { op_[i] = static_cast<scalar_t>(NAN); return; }
       const double pc = std::min(std::max(pv, min_p), 0.0);
-      const double p = up ? stochastic_floor(pc, static_cast<double>(up[i])) : std::nearbyint(pc);
-      const double sr = std::nearbyint(sv);
-      const double s = sr > 0 ? 1.0 : (sr < 0 ? -1.0 : 0.0);
-      op_[i] = static_cast<scalar_t>(s * std::ldexp(1.0, (int)p));
+      const double p = up ? stochastic_floor(pc, static_cast<double>(up[i])) : round_even(pc);
+      // sign(round(S)) with round half to even: 0 for |S| <= 1/2
+      const double s = sv > 0.5 ? 1.0 : (sv < -0.5 ? -1.0 : 0.0);
+      const double w = s * exp2_int((int64_t)p);
+      op_[i] = static_cast<scalar_t>(pv != pv || sv != sv ? (double)NAN : w);
     });
   });
   return out;
@@ -130,8 +165,10 @@ at::Tensor round_to_fixed(const at::Tensor& x, int64_t int_bits, int64_t frac_bi
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     const acc_t ahi = (acc_t)hi, alo = (acc_t)lo;
+    const acc_t scale = std::ldexp(acc_t(1), (int)frac_bits), inv = std::ldexp(acc_t(1), -(int)frac_bits);
     elementwise(out, [&](int64_t i) {
-      acc_t v = std::ldexp(std::floor(std::ldexp(static_cast<acc_t>(xp[i]), (int)frac_bits)), -(int)frac_bits);
+      // x * 2^f and * 2^-f are exact (ldexp), floor is exact
+      acc_t v = floor_exact(static_cast<acc_t>(xp[i]) * scale) * inv;
       v = ahi < v ? ahi : v;  // NaN passes through, as torch.clamp
       v = alo > v ? alo : v;
       op_[i] = static_cast<scalar_t>(v);

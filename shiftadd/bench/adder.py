@@ -1,0 +1,231 @@
+"""Adder kernels versus the reference and today's implementations.
+
+For each case and pass (forward, input gradient, exact weight gradient, a full training
+step) it times every backend usable on the device, and for the forward the baselines:
+
+* ``unfold``: the AdderNet implementation (im2col by F.unfold, then the |W - X| broadcast
+  and a sum; this is what needs ~30 GB on a ResNet-50 stage-3 layer);
+* ``cdist``: torch.cdist(p=1) on the same im2col matrix (the later AdderNet code);
+* ``mult``: the multiplication layer of the same shape (F.conv2d / F.linear: oneDNN on
+  the CPU, cuDNN/cuBLAS on the GPU, TF32 off so both sides are fp32).
+
+Columns: ms (median), G adder-MAC/s, x unfold and x cdist (their time over this row's:
+speed-ups), / mult (this row's time over the multiplication layer's), peak MB (CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import _dispatch, _ops
+from .timing import environment, markdown_table, measure, peak_memory
+
+
+@dataclass
+class Case:
+    name: str
+    x: tuple
+    w: tuple
+    stride: int = 1
+    padding: int = 0
+
+    @property
+    def conv(self) -> bool:
+        return len(self.x) == 4
+
+    @property
+    def family(self) -> str:
+        return "adder_conv2d" if self.conv else "adder_linear"
+
+    def out_hw(self):
+        kh, kw = self.w[2:]
+        h = (self.x[2] + 2 * self.padding - kh) // self.stride + 1
+        w = (self.x[3] + 2 * self.padding - kw) // self.stride + 1
+        return h, w
+
+    @property
+    def macs(self) -> int:
+        if not self.conv:
+            return self.x[0] * self.w[0] * self.x[1]
+        h, w = self.out_hw()
+        return self.x[0] * self.w[0] * h * w * self.w[1] * self.w[2] * self.w[3]
+
+    def args(self):
+        s, p = [self.stride] * 2, [self.padding] * 2
+        return (s, p, [1, 1], 1) if self.conv else ()
+
+
+CASES = {
+    "cpu": [
+        Case("linear 256x1024 @ 1024x1024", (256, 1024), (1024, 1024)),
+        Case("resnet20 conv 32x16x32x32 -> 16, 3x3", (32, 16, 32, 32), (16, 16, 3, 3), 1, 1),
+        Case("resnet20 conv 32x64x8x8 -> 64, 3x3", (32, 64, 8, 8), (64, 64, 3, 3), 1, 1),
+        Case("resnet50 s3 conv 2x256x14x14 -> 256, 3x3", (2, 256, 14, 14), (256, 256, 3, 3), 1, 1),
+    ],
+    "cuda": [
+        Case("linear 4096x1024 @ 4096x1024", (4096, 1024), (4096, 1024)),
+        Case("resnet20 conv 128x16x32x32 -> 16, 3x3", (128, 16, 32, 32), (16, 16, 3, 3), 1, 1),
+        Case("resnet20 conv 128x64x8x8 -> 64, 3x3", (128, 64, 8, 8), (64, 64, 3, 3), 1, 1),
+        Case("resnet50 s3 conv 32x256x14x14 -> 256, 3x3", (32, 256, 14, 14), (256, 256, 3, 3), 1, 1),
+    ],
+}
+QUICK = [
+    Case("linear 64x256 @ 256x256", (64, 256), (256, 256)),
+    Case("resnet20 conv 8x16x32x32 -> 16, 3x3", (8, 16, 32, 32), (16, 16, 3, 3), 1, 1),
+]
+
+
+# --------------------------------------------------------------------------------------
+# baselines
+# --------------------------------------------------------------------------------------
+
+
+def unfold_adder(case: Case, x, w):
+    """AdderNet's implementation: unfold, then -sum |W_col - X_col| by broadcasting."""
+    if not case.conv:
+        return -(w.unsqueeze(2) - x.t().unsqueeze(0)).abs().sum(1).t()
+    n = x.shape[0]
+    ho, wo = case.out_hw()
+    cols = F.unfold(x, case.w[2:], padding=case.padding, stride=case.stride)  # (N, K, L)
+    cols = cols.permute(1, 2, 0).reshape(cols.shape[1], -1)  # (K, L*N)
+    out = -(w.reshape(w.shape[0], -1, 1) - cols.unsqueeze(0)).abs().sum(1)  # (O, L*N)
+    return out.view(w.shape[0], ho, wo, n).permute(3, 0, 1, 2)
+
+
+def cdist_adder(case: Case, x, w):
+    if not case.conv:
+        return -torch.cdist(x, w, p=1)
+    cols = F.unfold(x, case.w[2:], padding=case.padding, stride=case.stride).transpose(1, 2)  # (N, L, K)
+    return -torch.cdist(cols.reshape(-1, cols.shape[2]), w.reshape(w.shape[0], -1), p=1)
+
+
+def mult_layer(case: Case, x, w):
+    return F.conv2d(x, w, None, case.stride, case.padding) if case.conv else F.linear(x, w)
+
+
+def unfold_bytes(case: Case) -> int:
+    if case.conv:
+        h, w = case.out_hw()
+        rows = case.x[0] * h * w
+    else:
+        rows = case.x[0]
+    k = case.w[1] * (case.w[2] * case.w[3] if case.conv else 1)
+    return 2 * rows * case.w[0] * k * 4  # the broadcast and its abs
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+# --------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------
+
+
+def backends_for(family: str, device: torch.device, include_reference: bool):
+    """Usable backends, without the Triton interpreter (a correctness tool, not a backend to time)."""
+    names = [b for b in ("cuda", "triton", "cpu") if _dispatch.why_not(b, family, device, torch.float32) is None
+             and not (b == "triton" and device.type == "cpu")]
+    return names + (["reference"] if include_reference else [])
+
+
+def run_case(case: Case, device: torch.device, include_reference: bool = True, min_time: float = 0.3) -> list:
+    torch.manual_seed(0)
+    x = torch.randn(case.x, device=device)
+    w = torch.randn(case.w, device=device)
+    args = case.args()
+    y_shape = _ops.op("reference", case.family)(x[:1], w, *args, "addernet").shape[1:]
+    g = torch.randn((case.x[0], *y_shape), device=device)
+    rows = []
+
+    def add(pass_, impl, fn):
+        t = measure(fn, device, min_time=min_time)
+        row = {"case": case.name, "pass": pass_, "impl": impl, "ms": t * 1e3, "G adder-MAC/s": case.macs / t / 1e9,
+               "peak MB": None}
+        mem = peak_memory(fn, device)
+        if mem is not None:
+            row["peak MB"] = mem / 2**20
+        rows.append(row)
+        return t
+
+    base = {}
+    need = unfold_bytes(case)
+    if need < 0.5 * available_bytes(device):
+        base["unfold"] = add("forward", "unfold (AdderNet)", lambda: unfold_adder(case, x, w))
+    else:
+        rows.append({"case": case.name, "pass": "forward", "impl": "unfold (AdderNet)",
+                     "note": f"skipped: needs {need / 2**30:.1f} GB"})
+    base["cdist"] = add("forward", "torch.cdist p=1", lambda: cdist_adder(case, x, w))
+    base["mult"] = add("forward", "mult (" + ("conv2d" if case.conv else "linear") + ")", lambda: mult_layer(case, x, w))
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    base["mult step"] = add("train step", "mult (" + ("conv2d" if case.conv else "linear") + ")",
+                            lambda: torch.autograd.grad(mult_layer(case, xg, wg), (xg, wg), g))
+
+    for b in backends_for(case.family, device, include_reference):
+        op = _ops.op(b, case.family)
+        t = add("forward", b, lambda: op(x, w, *args, "addernet"))
+        rows[-1].update(_ratios(t, base, "mult"))
+        add("grad input (addernet)", b, lambda: _ops.op(b, case.family + "_grad_input")(g, x, w, *args, "addernet"))
+        add("grad weight (exact)", b, lambda: _ops.op(b, case.family + "_grad_weight")(g, x, w, *args, "exact"))
+        t = add("train step", b, lambda: torch.autograd.grad(op(xg, wg, *args, "addernet"), (xg, wg), g))
+        rows[-1]["/ mult"] = t / base["mult step"]
+    return rows
+
+
+def _ratios(t: float, base: dict, mult_key: str) -> dict:
+    out = {}
+    if "unfold" in base:
+        out["x unfold"] = base["unfold"] / t
+    out["x cdist"] = base["cdist"] / t
+    out["/ mult"] = t / base[mult_key]
+    return out
+
+
+COLUMNS = ["case", "pass", "impl", "ms", "G adder-MAC/s", "x unfold", "x cdist", "/ mult", "peak MB", "note"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="shiftadd bench adder", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    p.add_argument("--no-reference", action="store_true", help="skip the pure-PyTorch reference backend")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    cases = QUICK if a.quick else CASES[device.type]
+    print(f"# adder kernels, float32, {device.type}: {environment(device)}\n")
+    rows = []
+    for case in cases:
+        print(f"  running {case.name} ...", file=sys.stderr, flush=True)
+        rows += run_case(case, device, include_reference=not a.no_reference, min_time=0.1 if a.quick else 0.3)
+    print(markdown_table(rows, COLUMNS))
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump({"environment": environment(device), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Shift (power-of-two) operators versus the reference and the multiplication layer.
+
+* quantizers (DeepShift Q and PS) on a weight tensor, per backend: ms and GB/s (bytes
+  read plus written);
+* a shift layer's training step (quantize + matmul/conv, forward and backward) against
+  the same layer with a float weight (F.linear / F.conv2d): ``/ mult`` is the time ratio.
+The packed-weight inference kernels come with the shift-kernels issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .. import _dispatch, _ops
+from .. import functional as SF
+from .timing import environment, markdown_table, measure
+
+CASES = {
+    "cpu": {"weights": [(1024, 1024), (256, 256, 3, 3)],
+            "layers": [("linear", (256, 1024), (1024, 1024)), ("conv", (32, 64, 16, 16), (64, 64, 3, 3))]},
+    "cuda": {"weights": [(8192, 8192), (4096, 11008), (256, 256, 3, 3)],
+             "layers": [("linear", (4096, 4096), (4096, 4096)), ("conv", (128, 64, 32, 32), (64, 64, 3, 3))]},
+}
+QUICK = {"weights": [(256, 256)], "layers": [("linear", (64, 256), (256, 256)), ("conv", (8, 16, 16, 16), (16, 16, 3, 3))]}
+
+
+def quantizer_rows(shape, device, min_time, include_reference=True):
+    torch.manual_seed(0)
+    w = torch.randn(shape, device=device)
+    p, s = torch.rand(shape, device=device) * -10, torch.rand(shape, device=device) * 2 - 1
+    rows = []
+    for family, args, nbytes in (("quantize_pot_q", (w, 5, None), 2 * w.numel() * 4),
+                                 ("quantize_pot_ps", (p, s, 5, None), 3 * w.numel() * 4)):
+        for b in ("cuda", "triton", "cpu") + (("reference",) if include_reference else ()):
+            if _dispatch.why_not(b, family, device, torch.float32) is not None or (b == "triton" and device.type == "cpu"):
+                continue
+            op = _ops.op(b, family)
+            t = measure(lambda: op(*args), device, min_time=min_time)
+            rows.append({"case": f"{family} {tuple(shape)}", "pass": "forward", "impl": b, "ms": t * 1e3,
+                         "GB/s": nbytes / t / 1e9})
+    return rows
+
+
+def layer_rows(kind, xs, ws, device, min_time):
+    torch.manual_seed(0)
+    x = torch.randn(xs, device=device, requires_grad=True)
+    w = torch.randn(ws, device=device, requires_grad=True)
+    p = (torch.rand(ws, device=device) * -10).requires_grad_()
+    s = (torch.rand(ws, device=device) * 2 - 1).requires_grad_()
+    layer = F.conv2d if kind == "conv" else F.linear
+    pad = {"padding": 1} if kind == "conv" else {}
+    shift = SF.shift_conv2d if kind == "conv" else SF.shift_linear
+    g = torch.randn_like(layer(x, w, **pad))
+    name = f"{kind} x{tuple(xs)} w{tuple(ws)}"
+    t_mult = measure(lambda: torch.autograd.grad(layer(x, w, **pad), (x, w), g), device, min_time=min_time)
+    rows = [{"case": name, "pass": "train step", "impl": f"mult ({kind})", "ms": t_mult * 1e3}]
+    for mode, params in (("q", (w,)), ("ps", (p, s))):
+        kw = {"mode": mode, **({"sign": s} if mode == "ps" else {})}
+        t = measure(lambda: torch.autograd.grad(shift(x, params[0], **pad, **kw), (x, *params), g), device,
+                    min_time=min_time)
+        rows.append({"case": name, "pass": "train step", "impl": f"shift {mode} ({_dispatch.select('quantize_pot_q', w)})",
+                     "ms": t * 1e3, "/ mult": t / t_mult})
+    return rows
+
+
+COLUMNS = ["case", "pass", "impl", "ms", "GB/s", "/ mult"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="shiftadd bench shift", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    p.add_argument("--no-reference", action="store_true", help="skip the pure-PyTorch reference quantizers")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    cases = QUICK if a.quick else CASES[device.type]
+    min_time = 0.1 if a.quick else 0.3
+    print(f"# shift operators, float32, {device.type}: {environment(device)}\n")
+    rows = []
+    for shape in cases["weights"]:
+        rows += quantizer_rows(shape, device, min_time, include_reference=not a.no_reference)
+    for kind, xs, ws in cases["layers"]:
+        rows += layer_rows(kind, xs, ws, device, min_time)
+    print(markdown_table(rows, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""``python -m shiftadd.info`` / ``shiftadd info``: versions, which backend serves which
+device for each operator, and why the others do not."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import __version__, _dispatch, _ops
+
+
+def report() -> str:
+    lines = [f"shiftadd {__version__}", f"python {platform.python_version()} ({sys.executable})",
+             f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}; "
+             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU visible)"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if _dispatch.interpret_mode() else ""))
+    except ImportError:
+        lines.append("triton not installed")
+    if _dispatch._C is not None:
+        c = _dispatch._C
+        lines.append(f"compiled extension: loaded from {c.__file__}")
+        lines.append(f"  CPU kernels: instruction set {c.cpu_isa()} (supported here: {', '.join(c.cpu_isas())})")
+        lines.append(f"  CUDA kernels: {'built' if c.with_cuda else 'not built'}")
+    else:
+        lines.append(f"compiled extension: NOT loaded: {_dispatch._C_ERROR}")
+    lines.append(f"forced backend: {_dispatch.forced_backend()} (SHIFTADD_BACKEND / shiftadd.use_backend)")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        lines.append("")
+        lines.append(f"device {dev}, float32:")
+        width = max(len(f) for f in _ops.SCHEMAS)
+        for family in _ops.SCHEMAS:
+            e = _dispatch.explain(dev, family)
+            lines.append(f"  {family:<{width}}  auto -> {e['auto']}")
+        lines.append("  why not the others:")
+        seen = set()
+        for family in _ops.SCHEMAS:
+            for name in _dispatch.BACKENDS:
+                reason = _dispatch.why_not(name, family, torch.device(dev), torch.float32)
+                if reason is not None and (name, reason) not in seen:
+                    seen.add((name, reason))
+                    lines.append(f"    {name}: {reason}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

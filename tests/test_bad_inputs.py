@@ -1,0 +1,125 @@
+"""Bad input gets a clear error naming the argument, never a crash or a silent answer."""
+
+import pytest
+import torch
+
+import shiftadd
+from shiftadd import _dispatch, _ops
+
+F_BACKENDS = ["cpu", "reference"]
+
+
+def conv(**kw):
+    args = dict(x=torch.randn(2, 4, 6, 6), weight=torch.randn(6, 4, 3, 3))
+    args.update(kw)
+    return shiftadd.adder_conv2d(args.pop("x"), args.pop("weight"), **args)
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(x=torch.randint(0, 3, (2, 4, 6, 6))), TypeError, "x must be a floating-point tensor"),
+    (dict(weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), TypeError, "weight dtype torch.float64 does not match x"),
+    (dict(x=torch.randn(4, 6, 6, 1, 1)), ValueError, "x must be 4-D"),
+    (dict(weight=torch.randn(6, 4, 3)), ValueError, "weight must be 4-D"),
+    (dict(groups=3), ValueError, r"in_channels \(4\) must be divisible by groups \(3\)"),
+    (dict(weight=torch.randn(5, 2, 3, 3), groups=2), ValueError, r"out_channels \(5\) must be divisible by groups"),
+    (dict(weight=torch.randn(6, 3, 3, 3)), ValueError, "weight expects 3 input channels"),
+    (dict(padding=-1), ValueError, "padding must be non-negative"),
+    (dict(stride=0), ValueError, "stride must be positive"),
+    (dict(dilation=(1, 0)), ValueError, "dilation must be positive"),
+    (dict(groups=0), ValueError, "groups must be a positive int"),
+    (dict(padding="full"), ValueError, "padding must be an int, a pair, 'valid' or 'same'"),
+    (dict(padding="same", stride=2), ValueError, "padding='same' needs stride 1"),
+    (dict(x=torch.randn(2, 4, 2, 2)), ValueError, "smaller than the dilated kernel"),
+    (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
+    (dict(grad_mode="approx"), ValueError, "grad_mode must be one of"),
+    (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+])
+def test_adder_conv2d_bad_arguments(kw, err, match):
+    with pytest.raises(err, match=match):
+        conv(**kw)
+
+
+def test_device_mismatch_names_both_devices():
+    with pytest.raises(RuntimeError, match="weight is on meta but x is on cpu"):
+        shiftadd.adder_linear(torch.randn(2, 3), torch.randn(4, 3, device="meta"))
+    with pytest.raises(RuntimeError, match="bias is on meta but x is on cpu"):
+        shiftadd.adder_linear(torch.randn(2, 3), torch.randn(4, 3), bias=torch.randn(4, device="meta"))
+
+
+@pytest.mark.parametrize("x,w,match", [
+    (torch.randn(2, 3), torch.randn(4, 5), "x has 3 features in its last dimension, weight expects 5"),
+    (torch.randn(2, 3), torch.randn(4, 3, 1), "weight must be 2-D"),
+    (torch.tensor(1.0), torch.randn(4, 3), "x must have at least 1 dimension"),
+])
+def test_adder_linear_bad_shapes(x, w, match):
+    with pytest.raises(ValueError, match=match):
+        shiftadd.adder_linear(x, w)
+
+
+@pytest.mark.parametrize("backend", F_BACKENDS)
+def test_ops_validate_their_own_arguments(backend):
+    """Called directly (bypassing the functional API), the ops still refuse bad input."""
+    if _dispatch.why_not(backend, "adder_conv2d", torch.device("cpu"), torch.float32):
+        pytest.skip("backend unavailable")
+    op = _ops.op(backend, "adder_conv2d")
+    with pytest.raises((RuntimeError, ValueError)):
+        op(torch.randn(2, 4, 6, 6), torch.randn(6, 3, 3, 3), [1, 1], [1, 1], [1, 1], 1, "addernet")
+    with pytest.raises((RuntimeError, ValueError), match="grad_mode"):
+        op(torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3), [1, 1], [1, 1], [1, 1], 1, "nope")
+    gi = _ops.op(backend, "adder_conv2d_grad_input")
+    with pytest.raises((RuntimeError, ValueError)):
+        gi(torch.randn(2, 6, 5, 5), torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3), [1, 1], [1, 1], [1, 1], 1,
+           "exact")
+
+
+def test_compiled_ops_check_shapes_and_dtypes():
+    if _dispatch._C is None:
+        pytest.skip("shiftadd._C not loaded")
+    lin = _ops.op("cpu", "adder_linear")
+    with pytest.raises(RuntimeError, match="x has 3 features but weight expects 4"):
+        lin(torch.randn(2, 3), torch.randn(5, 4), "addernet")
+    with pytest.raises(RuntimeError, match="does not match x dtype"):
+        lin(torch.randn(2, 3), torch.randn(5, 3, dtype=torch.float64), "addernet")
+    with pytest.raises(RuntimeError, match="must be floating point|floating-point"):
+        _ops.op("cpu", "quantize_pot_q")(torch.arange(4), 5, None)
+    with pytest.raises(RuntimeError, match="weight_bits must be in"):
+        _ops.op("cpu", "quantize_pot_q")(torch.randn(4), 9, None)
+    with pytest.raises(RuntimeError, match="noise must have the shape"):
+        _ops.op("cpu", "quantize_pot_q")(torch.randn(4), 5, torch.rand(3))
+
+
+@pytest.mark.parametrize("call,err,match", [
+    (lambda: shiftadd.quantize_pot(torch.randn(3), weight_bits=1), ValueError, "weight_bits must be an int in"),
+    (lambda: shiftadd.quantize_pot(torch.randn(3), mode="ps"), ValueError, "needs the sign tensor"),
+    (lambda: shiftadd.quantize_pot(torch.randn(3), mode="ps", sign=torch.randn(4)), ValueError, "sign shape"),
+    (lambda: shiftadd.quantize_pot(torch.randn(3), sign=torch.randn(3)), ValueError, "only used with mode='ps'"),
+    (lambda: shiftadd.quantize_pot(torch.randn(3), mode="log"), ValueError, "mode must be 'q' or 'ps'"),
+    (lambda: shiftadd.quantize_pot(torch.randn(3), rounding="up"), ValueError, "rounding must be one of"),
+    (lambda: shiftadd.round_to_fixed(torch.randn(3), 0, 4), ValueError, "int_bits must be an int in"),
+    (lambda: shiftadd.shift_linear(torch.randn(2, 3), torch.randn(4, 3), act_bits=8), ValueError, "act_bits must be"),
+    (lambda: shiftadd.shift_linear(torch.randn(2, 3), torch.randn(4, 3), mode="x"), ValueError, "mode must be one of"),
+    (lambda: shiftadd.nn.ShiftConv2d(3, 4, 3, weight_bits=12), ValueError, "weight_bits must be an int in"),
+    (lambda: shiftadd.nn.AdderConv2d(3, 4, 3, groups=2), ValueError, "must be divisible by groups"),
+    (lambda: shiftadd.nn.AdderConv2d(3, 4, 3, eta=-1), ValueError, "eta must be a positive number or None"),
+    (lambda: shiftadd.nn.AdderConv2d(3, 4, 3, padding_mode="mirror"), ValueError, "padding_mode must be one of"),
+    (lambda: shiftadd.nn.AdderLinear(3, 4, grad_mode="fast"), ValueError, "grad_mode must be one of"),
+])
+def test_shift_and_module_bad_arguments(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_empty_batch_gives_empty_output_and_gradients():
+    x = torch.randn(0, 4, 6, 6, requires_grad=True)
+    m = shiftadd.nn.AdderConv2d(4, 5, 3, padding=1, bias=True)
+    y = m(x)
+    assert y.shape == (0, 5, 6, 6)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.isfinite(m.weight.grad).all()
+
+
+def test_nan_input_gives_nan_output_not_an_error():
+    x = torch.randn(2, 4)
+    x[0, 1] = float("nan")
+    y = shiftadd.adder_linear(x, torch.randn(3, 4))
+    assert y[0].isnan().all() and not y[1].isnan().any()
