@@ -26,7 +26,8 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# CUDA cases carry the gpu marker (`-m gpu` selects them; they are absent without a GPU)
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 
 # norm-wise relative error allowed against the float64 reference
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_close_rel, cpu_isas, is_interpreted, op
+from conftest import assert_close_rel, cpu_isas, is_interpreted, op, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -147,9 +147,13 @@ def check_against_reference(backend, family, x, w, args, mode, dtype):
     gx, gw = torch.autograd.grad(y, (xb, wb), g.to(dtype))
     gxr, gwr = torch.autograd.grad(yr, (xr, wr), g.to(dtype).double())
     assert gx.dtype == x.dtype and gw.dtype == w.dtype
-    tol_dtype = dtype
-    assert_close_rel(gx, gxr, tol_dtype, f"{backend} {family} grad input ({mode})")
-    assert_close_rel(gw, gwr, tol_dtype, f"{backend} {family} grad weight ({mode})")
+    assert_close_rel(gx, gxr, dtype, f"{backend} {family} grad input ({mode})")
+    if x.is_cuda and family == "adder_conv2d" and mode == "addernet" and dtype == torch.float32 \
+            and torch.backends.cudnn.allow_tf32:
+        # the AdderNet weight gradient's GEMM part is cuDNN's conv weight-gradient, in TF32 when torch allows it
+        assert rel_err(gw, gwr) < 3e-3, f"{backend} {family} grad weight ({mode}, TF32)"
+    else:
+        assert_close_rel(gw, gwr, dtype, f"{backend} {family} grad weight ({mode})")
 
 
 @st.composite

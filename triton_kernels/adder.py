@@ -142,13 +142,13 @@ def _clamp(d, lim):
     return tl.minimum(d, lim, propagate_nan=tl.PropagateNan.ALL)
 
 
-# exact-mode sign(d) without compare-and-select: both operands of d = a - b are pre-scaled
-# by 2**64 (exact: a power of two), so t = fma(a, 2**64, -(b * 2**64)) = d * 2**64 with one
-# rounding, which keeps the sign and zero-ness of d; clamping t to [-2**-64, 2**-64] and
-# multiplying by g * 2**64 then gives g * sign(d) for every |d| >= 2**-128.  Per element:
-# fma, 2 min/max (NaN-propagating) and the fma of the reduction.  Valid for |a|, |b| < 2**64.
-_SCALE = tl.constexpr(2.0**64)
-_TINY = tl.constexpr(2.0**-64)
+@triton.jit
+def _sign_diff(a, b):
+    """torch.sign(a - b) as (a > b) - (a < b), float32: exact for every pair (no subtraction),
+    0 when a == b, and 0 when either is NaN or both are the same infinity (the difference
+    is NaN and torch.sign(NaN) == 0).  Compiles to two compare-to-float instructions
+    (FSET.BF) and an add, without predicate registers."""
+    return (a > b).to(tl.float32) - (a < b).to(tl.float32)
 
 
 # --------------------------------------------------------------------------------------
@@ -227,7 +227,8 @@ def _grad_input_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """dx[n, g*Cg + c, iy, ix] = sum_{i, j, o} grad[n, g*Og + o, oy, ox] * f(w[g, i, j, o, c] - x[n, g*Cg + c, iy, ix])
+    """dx[n, g*Cg + c, iy, ix] = sum_{i, j, o} grad[n, g*Og + o, oy, ox]
+                                  * f(w[g, i, j, o, c] - x[n, g*Cg + c, iy, ix])
     over the positions of one stride phase: iy = py + ty*sh, ix = px + tx*sw.
 
     The taps (i, j) that reach this phase are i = i0 + a*si (a < ni), j = j0 + b*sj
@@ -256,10 +257,8 @@ def _grad_input_kernel(
 
     x_row = x_ptr + n64 * sxn + (iy * sxh + ix * sxw)  # [BM]
     tile_ok = q_ok[:, None] & c_ok[None, :]
-    xv = tl.load(x_row[:, None] + ((g * Cg + c) * sxc)[None, :], mask=tile_ok, other=0.0).to(tl.float32)  # [BM, BN]
-    xv = _to_acc(xv, BM, BN, TM, TN)[None, :, :, :, :]
-    if EXACT:
-        xv = xv * _SCALE  # see _SCALE
+    xv = tl.load(x_row[:, None] + ((g * Cg + c) * sxc)[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    xv = _to_acc(xv, BM, BN, TM, TN)[None, :, :, :, :]  # [1, TM, TN, BM // TM, BN // TN]
 
     g_row = g_ptr + n64 * sgn  # [BM]
     g_chan = g * Og * sgc
@@ -279,15 +278,14 @@ def _grad_input_kernel(
                      mask=o_ok[:, None] & in_out[None, :], other=0.0).to(tl.float32)  # [BK, BM]
         wv = tl.load(w_grp + (((i * KW + j) * Og + o) * Cg)[:, None] + c[None, :],
                      mask=o_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)  # [BK, BN]
-        if EXACT:  # g * sign(w - x), see _SCALE
-            t = tl.fma(_bcast_n(wv, BK, BN, TN), _SCALE, -xv)
-            acc += tl.sum(_bcast_m(gv * _SCALE, BK, BM, TM) * _clamp(t, _TINY), axis=0)
+        if EXACT:  # g * sign(w - x)
+            acc += tl.sum(_bcast_m(gv, BK, BM, TM) * _sign_diff(_bcast_n(wv, BK, BN, TN), xv), axis=0)
         else:  # g * hardtanh(w - x)
             acc += tl.sum(_bcast_m(gv, BK, BM, TM) * _clamp(_bcast_n(wv, BK, BN, TN) - xv, 1.0), axis=0)
 
     dx_row = dx_ptr + n64 * sdn + (iy * sdh + ix * sdw)  # [BM]
-    tl.store(dx_row[:, None] + ((g * Cg + c) * sdc)[None, :], _from_acc(acc, BM, BN).to(dx_ptr.dtype.element_ty),
-             mask=tile_ok)
+    dx = _from_acc(acc, BM, BN).to(dx_ptr.dtype.element_ty)
+    tl.store(dx_row[:, None] + ((g * Cg + c) * sdc)[None, :], dx, mask=tile_ok)
 
 
 @triton.autotune(configs=_GW_CONFIGS, key=["R", "Og", "Cg", "KH", "KW"])
@@ -326,7 +324,7 @@ def _grad_weight_kernel(
     j = k % KW
     tile_ok = o_ok[:, None] & k_ok[None, :]
     wv = tl.load(w_ptr + ((g * Og + o) * Kg)[:, None] + k[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    ws = _to_acc(wv * _SCALE, BM, BN, TM, TN)[None, :, :, :, :]  # see _SCALE
+    wv = _to_acc(wv, BM, BN, TM, TN)[None, :, :, :, :]  # [1, TM, TN, BM // TM, BN // TN]
 
     g_col = (g * Og + o) * sgc  # [BM]
     x_col = (g * Cg + c) * sxc  # [BN]
@@ -347,8 +345,7 @@ def _grad_weight_kernel(
         in_img = r_ok[:, None] & k_ok[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
         xv = tl.load((x_ptr + n64 * sxn)[:, None] + (x_col[None, :] + iy * sxh + ix * sxw),
                      mask=in_img, other=0.0).to(tl.float32)  # [BK, BN]
-        t = tl.fma(_bcast_n(xv, BK, BN, TN), _SCALE, -ws)  # (x - w) * 2**64, see _SCALE
-        acc += tl.sum(_bcast_m(gv * _SCALE, BK, BM, TM) * _clamp(t, _TINY), axis=0)
+        acc += tl.sum(_bcast_m(gv, BK, BM, TM) * _sign_diff(_bcast_n(xv, BK, BN, TN), wv), axis=0)
 
     part_row = s.to(tl.int64) * (tl.num_programs(1) * Og) + g * Og + o  # [BM] rows of part viewed as (S*O, Kg)
     part_off = (part_row * Kg)[:, None] + k[None, :]
@@ -383,7 +380,8 @@ def _check_tensors(name, x, weight, grad_out=None):
 
 
 def _sample_extent(t):
-    """Largest element offset inside one sample t[n] (kernels index samples in int64, inside one in int32)."""
+    """Largest element offset inside one sample t[n] (the kernels index samples in int64,
+    elements inside a sample in int32)."""
     return sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]) if size > 0)
 
 
@@ -522,6 +520,8 @@ def _launch_grad_weight_exact(geo, grad_out, x, weight):
 
 def _grad_weight_addernet(geo, grad_out, x, weight):
     """-> float32 (O, Cg, KH, KW): conv_backward(grad, x)_weight - W * sum(grad), in float32."""
+    if geo.R == 0 or weight.numel() == 0:
+        return torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
     g32, x32 = grad_out.float(), x.float()
     dw = torch.ops.aten.convolution_backward(
         g32, x32, weight.float(), None, [geo.sh, geo.sw], [geo.ph, geo.pw], [geo.dh, geo.dw],
@@ -556,7 +556,8 @@ def adder_linear(x: torch.Tensor, weight: torch.Tensor, grad_mode: str) -> torch
     return y
 
 
-def adder_linear_grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_mode: str) -> torch.Tensor:
+def adder_linear_grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            grad_mode: str) -> torch.Tensor:
     """grad_out (N, O) -> (N, K) = sum_o grad_out[n, o] * f(weight[o, k] - x[n, k]), contiguous."""
     _check_mode(grad_mode)
     geo, x4, w4, g4 = _linear_geometry("adder_linear_grad_input", x, weight, grad_out)
@@ -565,7 +566,8 @@ def adder_linear_grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: tor
     return dx
 
 
-def adder_linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grad_mode: str) -> torch.Tensor:
+def adder_linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                             grad_mode: str) -> torch.Tensor:
     """grad_out (N, O) -> (O, K), weight's dtype, contiguous."""
     _check_mode(grad_mode)
     geo, x4, w4, g4 = _linear_geometry("adder_linear_grad_weight", x, weight, grad_out)
@@ -577,8 +579,8 @@ def adder_linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight: to
     return dw.to(weight.dtype)
 
 
-def adder_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                 grad_mode: str) -> torch.Tensor:
+def adder_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
+                 dilation: list[int], groups: int, grad_mode: str) -> torch.Tensor:
     """x (N, C, H, W), weight (O, C/groups, KH, KW) -> (N, O, Ho, Wo), x's dtype,
     channels-last when x is channels-last and not contiguous."""
     _check_mode(grad_mode)
@@ -590,8 +592,8 @@ def adder_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: list[int], paddi
     return y
 
 
-def adder_conv2d_grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
-                            dilation: list[int], groups: int, grad_mode: str) -> torch.Tensor:
+def adder_conv2d_grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                            padding: list[int], dilation: list[int], groups: int, grad_mode: str) -> torch.Tensor:
     """grad_out (N, O, Ho, Wo) -> (N, C, H, W) like x's memory format (see adder_conv2d)."""
     _check_mode(grad_mode)
     _check_tensors("adder_conv2d_grad_input", x, weight, grad_out)
@@ -601,8 +603,8 @@ def adder_conv2d_grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: tor
     return dx
 
 
-def adder_conv2d_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
-                             dilation: list[int], groups: int, grad_mode: str) -> torch.Tensor:
+def adder_conv2d_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                             padding: list[int], dilation: list[int], groups: int, grad_mode: str) -> torch.Tensor:
     """grad_out (N, O, Ho, Wo) -> (O, C/groups, KH, KW), weight's dtype, contiguous."""
     _check_mode(grad_mode)
     _check_tensors("adder_conv2d_grad_weight", x, weight, grad_out)
