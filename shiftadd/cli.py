@@ -1,26 +1,80 @@
 """The ``shiftadd`` command.
 
-    shiftadd info                 versions and backends (python -m shiftadd.info)
-    shiftadd bench [adder|shift]  kernels versus references and today's implementations
+    shiftadd pipeline [--quick]        the main job: search, retrain, report (digits by default)
+    shiftadd search ...                NAS over a weight-sharing supernet (evo, darts, random)
+    shiftadd retrain --arch best.json  train a searched architecture from scratch (--augment: ShiftAddAug)
+    shiftadd rank ...                  supernet ranking quality (Kendall tau, naive vs hetero sharing)
+    shiftadd train ...                 train a model of the zoo (resnet20/32/56, vgg_small x 4 variants)
+    shiftadd energy ARCH.json | --model NAME ...   per-layer energy table
+    shiftadd profile-latency ...       measure (and cache) the latency table of this device
+    shiftadd bench [adder|shift]       kernels versus references and today's implementations
+    shiftadd info                      versions and backends (python -m shiftadd.info)
+
+`shiftadd <command> --help` describes each.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+COMMANDS = ("pipeline", "search", "retrain", "rank", "train", "energy", "profile-latency", "bench", "info")
+
+
+def _energy(argv) -> int:
+    from .nas import cost
+
+    if argv and argv[0].endswith(".json"):
+        from .nas.net import GeneNet
+        from .nas.pipeline import load_arch
+        from .nas.space import SearchSpace
+
+        import argparse
+        import json
+
+        p = argparse.ArgumentParser(prog="shiftadd energy ARCH.json")
+        p.add_argument("arch")
+        p.add_argument("--precision", default="fp32", choices=cost.PRECISIONS)
+        p.add_argument("--convention", default="paper", choices=cost.CONVENTIONS)
+        a = p.parse_args(argv)
+        d = json.load(open(a.arch))
+        space = SearchSpace.from_dict(d["space"]) if isinstance(d.get("space"), dict) else None
+        if space is None:
+            from .nas.pipeline import load_data, space_for
+
+            space, gene = load_arch(a.arch, load_data("digits"))
+        else:
+            gene = space.validate(d.get("gene", d))
+        net = GeneNet(space, gene)
+        print(cost.energy_table(net, (space.in_channels, space.image_size, space.image_size),
+                                precision=a.precision, convention=a.convention))
+        return 0
+    return cost.main_energy(argv)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="shiftadd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["info", "bench"])
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    a = p.parse_args(argv[:1])
-    rest = argv[1:]
-    if a.command == "info":
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "info":
         from .info import main as info_main
 
         return info_main(rest)
+    if cmd == "train":
+        from .train import main as train_main
+
+        return train_main(rest)
+    if cmd == "energy":
+        return _energy(rest)
+    if cmd == "profile-latency":
+        from .nas.cost import main_profile_latency
+
+        return main_profile_latency(rest)
+    if cmd in ("pipeline", "search", "retrain", "rank"):
+        from .nas.pipeline import main as nas_main
+
+        return nas_main(cmd, rest)
     which = "all"
     if rest and rest[0] in ("adder", "shift", "all"):
         which, rest = rest[0], rest[1:]

@@ -1,0 +1,465 @@
+"""The NAS driver's commands: search, retrain, rank, and the main job (pipeline).
+
+    shiftadd search --space digits --strategy evo --budget energy_uJ=2.5 --out runs/x
+    shiftadd retrain --arch runs/x/best.json [--augment]
+    shiftadd rank --space digits --subnets 20         # supernet ranking quality (Kendall tau)
+    shiftadd pipeline --out runs/main                  # search, retrain, report (the main job)
+
+Costs of an architecture: energy from :mod:`shiftadd.nas.cost` on the built net (one
+inference, batch 1), latency from the measured lookup table of this device (stem and
+searchable layers; the classifier is left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+
+from .. import __version__
+from . import cost
+from .net import GeneNet
+from .search import STRATEGIES, Search, SearchConfig, TensorData, pareto_front
+from .space import PRESETS, SHARE_OF_PRESET, STRATEGY_OF_PRESET, SearchSpace, count_ops, gene_key, get_space
+
+# --------------------------------------------------------------------------------------
+# costs
+# --------------------------------------------------------------------------------------
+
+
+class GeneCosts:
+    """gene -> {"energy_uJ", "latency_ms", "layers_uJ"}, cached per gene.
+
+    latency: a :class:`~shiftadd.nas.cost.LatencyTable` (entries measured on demand and
+    cached per device), or None to leave latency at 0 (when no latency budget is used)."""
+
+    def __init__(self, space: SearchSpace, latency: Optional[cost.LatencyTable] = None, precision: str = "fp32"):
+        self.space, self.latency, self.precision = space, latency, precision
+        self._cache: dict = {}
+
+    def input_shape(self):
+        return (self.space.in_channels, self.space.image_size, self.space.image_size)
+
+    def layer_configs(self, gene: dict) -> list:
+        """(op, LayerConfig) of the stem and of every searchable layer, batch 1."""
+        h = self.space.image_size
+        out = [("conv", cost.LayerConfig(self.space.in_channels, self.space.stem, 3, 1, h, h))]
+        c_in = self.space.stem
+        for slot, l in zip(self.space.layer_plan(), gene["layers"]):
+            c_out = gene["widths"][slot.stage]
+            out.append((l["op"], cost.LayerConfig(c_in, c_out, l["k"], slot.stride, h, h)))
+            h = (h + slot.stride - 1) // slot.stride
+            c_in = c_out
+        return out
+
+    def __call__(self, gene: dict) -> dict:
+        key = gene_key(gene)
+        if key not in self._cache:
+            net = GeneNet(self.space, gene)
+            costs = cost.layer_costs(net, self.input_shape(), precision=self.precision)
+            n = len(gene["layers"])
+            per_layer = [0.0] * n
+            for c in costs:
+                parts = c.name.split(".")
+                if parts[0] == "layers":
+                    per_layer[int(parts[1])] += c.energy_uj
+            latency = 0.0
+            if self.latency is not None:
+                latency = sum(self.latency.lookup(op, cfg) for op, cfg in self.layer_configs(gene)) * 1e3
+            self._cache[key] = {"energy_uJ": sum(c.energy_uj for c in costs), "latency_ms": latency,
+                                "layers_uJ": per_layer}
+        return self._cache[key]
+
+
+# --------------------------------------------------------------------------------------
+# data, retraining
+# --------------------------------------------------------------------------------------
+
+
+def load_data(name: str, data_dir=None, upscale=None):
+    from ..data import load_dataset
+
+    return load_dataset(name, data_dir, upscale)
+
+
+def tensors(ds) -> tuple:
+    """(x, y) of a whole dataset (no augmentation)."""
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def space_for(name_or_path: str, splits) -> SearchSpace:
+    return get_space(name_or_path, splits.in_channels, splits.num_classes, splits.image_size)
+
+
+def _recipe_variant(gene: dict) -> str:
+    """The training recipe of a hybrid net (see shiftadd.train.recipe_for): Adam for
+    shift nets without adder layers (DeepShift-PS), SGD with a lower shift lr when adder
+    weights are present too (Adam's steps barely move N(0, 1) adder weights), else SGD."""
+    ops = count_ops(gene)
+    shifty = ops.get("shift", 0) + ops.get("shiftadd", 0)
+    addery = ops.get("adder", 0) + ops.get("shiftadd", 0)
+    if shifty and addery:
+        return "shiftadd"
+    return "shift" if shifty else "conv"
+
+
+def retrain(space: SearchSpace, gene: dict, splits, epochs: int, seed: int = 0, out_dir: Optional[str] = None,
+            augment: bool = False, device="cpu", progress: bool = False, costs: Optional[GeneCosts] = None,
+            log=print) -> dict:
+    """Trains the gene's net from scratch (or with ShiftAddAug); returns its accuracies and costs."""
+    from ..train import evaluate, recipe_for, train
+    from ..data import make_loaders
+
+    t0 = time.time()
+    if augment:
+        from .augment import train_augmented
+
+        net, hist = train_augmented(space, gene, splits, epochs=epochs, seed=seed, device=device, log=log)
+        loaders = make_loaders(splits, 256, seed)
+        _, val_acc = evaluate(net, loaders.val, device)
+        _, test_acc = evaluate(net, loaders.test, device)
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            torch.save({"gene": gene, "space": space.to_dict(), "state_dict": net.state_dict()},
+                       os.path.join(out_dir, "model.pt"))
+    else:
+        torch.manual_seed(seed)
+        net = GeneNet(space, gene)
+        recipe = recipe_for(_recipe_variant(gene), splits.name)
+        hist = train(net, splits, epochs=epochs, recipe=recipe, out_dir=out_dir, seed=seed, device=device,
+                     progress=progress, meta={"gene": gene, "space": space.to_dict()})
+        val_acc, test_acc = hist["final"]["val_acc"], hist["final"]["test_acc"]
+    c = (costs or GeneCosts(space))(gene)
+    return {"gene": gene, "val_acc": val_acc, "test_acc": test_acc, "energy_uJ": c["energy_uJ"],
+            "latency_ms": c["latency_ms"], "ops": count_ops(gene), "epochs": epochs, "seed": seed,
+            "augment": augment, "seconds": time.time() - t0}
+
+
+# --------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------
+
+
+def _parse_budget(items) -> dict:
+    out = {}
+    for item in items or []:
+        for part in item.split(","):
+            if not part:
+                continue
+            k, _, v = part.partition("=")
+            if k not in ("energy_uJ", "latency_ms") or not v:
+                raise SystemExit(f"--budget takes energy_uJ=X and/or latency_ms=Y, got {part!r}")
+            out[k] = float(v)
+    return out
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits", help="digits (bundled), cifar10 or cifar100 (from --data-dir)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--upscale", type=int, default=None, help="resize the images to this size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _latency_table(space, device, enabled: bool):
+    if not enabled:
+        return None
+    return cost.profile_latency(ops=tuple(o for o in space.ops), shapes=[], device=device)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def search_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shiftadd search", description="Search an architecture on a weight-sharing supernet.")
+    p.add_argument("--space", default="digits", help=f"a preset ({', '.join(PRESETS)}) or a YAML/JSON file")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: the preset's")
+    p.add_argument("--share", choices=("none", "naive", "hetero"), default=None, help="default: the preset's")
+    p.add_argument("--budget", action="append", help="constraints, e.g. energy_uJ=2.5,latency_ms=1.0")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--epochs", type=int, default=None, help="supernet (evo, random) or DARTS epochs")
+    p.add_argument("--generations", type=int, default=None)
+    p.add_argument("--population", type=int, default=None)
+    p.add_argument("--latency", action="store_true", help="measure latency (always on with a latency budget)")
+    _common(p)
+    return p
+
+
+def make_config(a, space_name: str) -> SearchConfig:
+    strategy = a.strategy or STRATEGY_OF_PRESET.get(space_name, "evo")
+    share = a.share or SHARE_OF_PRESET.get(space_name, "hetero")
+    cfg = SearchConfig(strategy=strategy, share=share, seed=a.seed, budget=_parse_budget(a.budget))
+    if a.epochs is not None:
+        cfg.supernet_epochs = cfg.darts_epochs = a.epochs
+        cfg.darts_warmup = min(cfg.darts_warmup, max(0, a.epochs // 3))
+    if a.generations is not None:
+        cfg.generations = a.generations
+    if a.population is not None:
+        cfg.population = a.population
+        cfg.parents = max(2, a.population // 5)
+        cfg.mutants = cfg.crossovers = max(1, (a.population - cfg.parents) // 2)
+    return cfg
+
+
+def run_search(a, splits=None, log=print) -> dict:
+    splits = splits or load_data(a.data, a.data_dir, a.upscale)
+    space = space_for(a.space, splits)
+    space_name = a.space if a.space in PRESETS else space.name
+    cfg = make_config(a, space_name)
+    lat = _latency_table(space, a.device, a.latency or "latency_ms" in cfg.budget)
+    costs = GeneCosts(space, lat)
+    xt, yt = tensors(splits.train)
+    xv, yv = tensors(splits.val)
+    s = Search(space, TensorData(xt, yt, xv, yv, a.device), costs, cfg, a.out, a.device, log=log)
+    t0 = time.time()
+    res = s.run(resume=a.resume)
+    res["seconds"] = time.time() - t0
+    res["config"] = asdict(cfg)
+    res["space"] = space.to_dict()
+    if res["best"] is None:
+        raise SystemExit(f"no evaluated architecture meets the budget {cfg.budget}")
+    _write_json(os.path.join(a.out, "best.json"), {**res["best"], "space": space.to_dict(), "data": a.data})
+    _write_json(os.path.join(a.out, "search.json"), {k: v for k, v in res.items() if k != "history"} |
+                {"archive": s.archive, "history": res["history"]})
+    log(f"best: val acc {res['best']['acc']:.4f}, energy {res['best']['energy_uJ']:.3f} uJ, "
+        f"ops {count_ops(res['best']['gene'])} -> {os.path.join(a.out, 'best.json')}")
+    return res
+
+
+def retrain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shiftadd retrain", description="Train a searched architecture from scratch.")
+    p.add_argument("--arch", required=True, help="best.json of a search (or any JSON with 'gene' and 'space')")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--augment", action="store_true", help="ShiftAddAug: train inside a wider multiplicative net")
+    p.add_argument("--out", default=None, help="default: next to the arch file")
+    _common(p)
+    return p
+
+
+def load_arch(path: str, splits) -> tuple:
+    with open(path) as f:
+        d = json.load(f)
+    gene = d.get("gene", d)
+    if "space" in d and isinstance(d["space"], dict):
+        space = SearchSpace.from_dict(d["space"])
+        space.in_channels, space.num_classes, space.image_size = splits.in_channels, splits.num_classes, splits.image_size
+    else:
+        space = space_for(gene.get("space", "digits"), splits)
+    return space, space.validate(gene)
+
+
+def run_retrain(a, log=print) -> dict:
+    splits = load_data(a.data, a.data_dir, a.upscale)
+    space, gene = load_arch(a.arch, splits)
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.arch)), "retrain" + ("-augment" if a.augment else ""))
+    r = retrain(space, gene, splits, a.epochs, a.seed, out, augment=a.augment, device=a.device, progress=True, log=log)
+    os.makedirs(out, exist_ok=True)
+    _write_json(os.path.join(out, "result.json"), r)
+    log(f"test acc {r['test_acc']:.4f} (val {r['val_acc']:.4f}), energy {r['energy_uJ']:.3f} uJ -> {out}")
+    return r
+
+
+# --------------------------------------------------------------------------------------
+# supernet ranking quality
+# --------------------------------------------------------------------------------------
+
+
+def rank_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shiftadd rank", description=(
+        "Kendall tau between supernet-inherited and stand-alone accuracy of random subnets, per sharing mode."))
+    p.add_argument("--space", default="digits")
+    p.add_argument("--subnets", type=int, default=20)
+    p.add_argument("--shares", default="naive,hetero")
+    p.add_argument("--epochs", type=int, default=30, help="supernet epochs")
+    p.add_argument("--standalone-epochs", type=int, default=15)
+    p.add_argument("--out", default="runs/rank")
+    _common(p)
+    return p
+
+
+def run_rank(a, log=print) -> dict:
+    from scipy.stats import kendalltau
+
+    splits = load_data(a.data, a.data_dir, a.upscale)
+    space = space_for(a.space, splits)
+    rng = random.Random(a.seed)
+    genes, seen = [], set()
+    while len(genes) < a.subnets:
+        g = space.sample(rng)
+        if gene_key(g) not in seen:
+            seen.add(gene_key(g))
+            genes.append(g)
+    costs = GeneCosts(space)
+    os.makedirs(a.out, exist_ok=True)
+    standalone = []
+    for i, g in enumerate(genes):
+        r = retrain(space, g, splits, a.standalone_epochs, a.seed, None, costs=costs)
+        standalone.append(r["val_acc"])
+        log(f"stand-alone {i + 1}/{len(genes)}: val acc {r['val_acc']:.4f}")
+    xt, yt = tensors(splits.train)
+    xv, yv = tensors(splits.val)
+    out = {"subnets": genes, "standalone_val_acc": standalone, "shares": {}}
+    for share in a.shares.split(","):
+        cfg = SearchConfig(strategy="random", share=share, seed=a.seed, supernet_epochs=a.epochs, random_samples=0)
+        s = Search(space, TensorData(xt, yt, xv, yv, a.device), costs, cfg, os.path.join(a.out, share), a.device,
+                   log=log)
+        s.run()
+        inherited = [s.evaluate(g) for g in genes]
+        tau, p = kendalltau(inherited, standalone)
+        out["shares"][share] = {"inherited_val_acc": inherited, "kendall_tau": tau, "p_value": p}
+        log(f"share={share}: Kendall tau {tau:.3f} (p={p:.3g}) over {len(genes)} subnets")
+    _write_json(os.path.join(a.out, "rank.json"), out)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# the main job
+# --------------------------------------------------------------------------------------
+
+
+def pipeline_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shiftadd pipeline", description=(
+        "The main job: search under an energy budget, retrain the searched net and the baselines "
+        "(all-conv, all-shift, all-adder, 10 budget-matched random nets), write a report."))
+    p.add_argument("--space", default="digits")
+    p.add_argument("--out", default="runs/main")
+    p.add_argument("--budget-frac", type=float, default=0.5,
+                   help="energy budget as a fraction of the widest all-conv net's energy (default 0.5)")
+    p.add_argument("--epochs", type=int, default=None, help="retraining epochs (default 20; --quick 3)")
+    p.add_argument("--random", type=int, default=10, help="budget-matched random baselines")
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets everywhere")
+    p.add_argument("--resume", action="store_true")
+    _common(p)
+    return p
+
+
+def run_pipeline(a, log=print) -> dict:
+    t0 = time.time()
+    os.makedirs(a.out, exist_ok=True)
+    splits = load_data(a.data, a.data_dir, a.upscale)
+    space = space_for(a.space, splits)
+    costs = GeneCosts(space, _latency_table(space, a.device, True))
+    e_conv = costs(space.uniform("conv"))["energy_uJ"]
+    budget = a.budget_frac * e_conv
+    epochs = a.epochs or (3 if a.quick else 20)
+    log(f"[pipeline] space {space.name}, energy budget {budget:.3f} uJ ({a.budget_frac:.0%} of all-conv "
+        f"{e_conv:.3f} uJ), retraining {epochs} epochs")
+
+    sa = argparse.Namespace(space=a.space, strategy=None, share=None, budget=[f"energy_uJ={budget}"],
+                            out=os.path.join(a.out, "search"), resume=a.resume, epochs=2 if a.quick else None,
+                            generations=2 if a.quick else None, population=10 if a.quick else None, latency=True,
+                            data=a.data, data_dir=a.data_dir, upscale=a.upscale, seed=a.seed, device=a.device)
+    res = run_search(sa, splits, log=log)
+    search_archive = json.load(open(os.path.join(sa.out, "search.json")))["archive"]
+
+    cands = [("searched", res["best"]["gene"])]
+    for op in ("conv", "shift", "adder"):
+        cands.append((f"all-{op}", space.uniform(op)))
+    rng = random.Random(a.seed + 1)
+    seen = {gene_key(g) for _, g in cands}
+    tries = 0
+    while sum(1 for n, _ in cands if n.startswith("random")) < a.random and tries < 10000:
+        tries += 1
+        g = space.sample(rng)
+        if costs(g)["energy_uJ"] <= budget and gene_key(g) not in seen:
+            seen.add(gene_key(g))
+            cands.append((f"random-{sum(1 for n, _ in cands if n.startswith('random')) + 1}", g))
+
+    results_path = os.path.join(a.out, "retrain.json")
+    done = {}
+    if a.resume and os.path.exists(results_path):
+        done = {r["name"]: r for r in json.load(open(results_path))}
+    results = []
+    for name, gene in cands:
+        if name in done and done[name]["gene"] == gene:
+            results.append(done[name])
+            continue
+        r = retrain(space, gene, splits, epochs, a.seed, None, device=a.device, costs=costs, log=log)
+        r["name"] = name
+        results.append(r)
+        _write_json(results_path, results)
+        log(f"[pipeline] retrained {name}: test acc {r['test_acc']:.4f}, energy {r['energy_uJ']:.3f} uJ, "
+            f"latency {r['latency_ms']:.3f} ms ({r['seconds']:.1f} s)")
+    report = write_report(a.out, space, results, search_archive, budget, e_conv, time.time() - t0, a)
+    log(f"[pipeline] done in {time.time() - t0:.0f} s -> {report}")
+    return {"results": results, "budget_uJ": budget, "seconds": time.time() - t0}
+
+
+def write_report(out: str, space, results: list, archive: list, budget: float, e_conv: float, seconds: float, a) -> str:
+    rand = [r["test_acc"] for r in results if r["name"].startswith("random")]
+    searched = next(r for r in results if r["name"] == "searched")
+    lines = [f"# shiftadd pipeline report", "",
+             f"shiftadd {__version__}, torch {torch.__version__}, device {a.device}, data {a.data}, space {space.name}, "
+             f"seed {a.seed}, {seconds:.0f} s", "",
+             f"Energy budget: {budget:.3f} uJ per inference ({a.budget_frac:.0%} of the widest all-conv net, "
+             f"{e_conv:.3f} uJ; 45 nm fp32 energies, REFERENCE §4).", "",
+             "| candidate | test acc | val acc | energy uJ | latency ms | ops |", "|---|---|---|---|---|---|"]
+    for r in results:
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(r["ops"].items()))
+        lines.append(f"| {r['name']} | {r['test_acc']:.4f} | {r['val_acc']:.4f} | {r['energy_uJ']:.3f} | "
+                     f"{r['latency_ms']:.3f} | {ops} |")
+    if rand:
+        mean = statistics.mean(rand)
+        sd = statistics.stdev(rand) if len(rand) > 1 else 0.0
+        verdict = "beats" if searched["test_acc"] > mean else "does not beat"
+        lines += ["", f"Searched net: test acc {searched['test_acc']:.4f}; {len(rand)} budget-matched random nets: "
+                      f"{mean:.4f} +- {sd:.4f} (mean +- sd). The searched net {verdict} the random mean."]
+    lines += ["", "Pareto front of the search (supernet val acc vs energy): pareto.png"]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_pareto(os.path.join(out, "pareto.png"), archive, results, budget)
+    return path
+
+
+def plot_pareto(path: str, archive: list, results: list, budget: float) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([e["energy_uJ"] for e in archive], [e["acc"] for e in archive], s=8, c="0.75",
+               label="evaluated (supernet, val)")
+    front = sorted(pareto_front(archive, keys=(("acc", 1), ("energy_uJ", -1))), key=lambda e: e["energy_uJ"])
+    ax.plot([e["energy_uJ"] for e in front], [e["acc"] for e in front], "-o", ms=3, c="C0", label="Pareto front")
+    for r in results:
+        marker, color = ("*", "C3") if r["name"] == "searched" else (("s", "C2") if r["name"].startswith("all") else
+                                                                      ("x", "C1"))
+        ax.scatter([r["energy_uJ"]], [r["test_acc"]], marker=marker, c=color, s=60 if marker == "*" else 25)
+        if not r["name"].startswith("random"):
+            ax.annotate(r["name"], (r["energy_uJ"], r["test_acc"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axvline(budget, ls="--", c="0.4", lw=0.8, label="energy budget")
+    ax.set_xlabel("energy per inference (uJ, 45 nm)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(command: str, argv=None) -> int:
+    parsers = {"search": (search_parser, run_search), "retrain": (retrain_parser, run_retrain),
+               "rank": (rank_parser, run_rank), "pipeline": (pipeline_parser, run_pipeline)}
+    make, run = parsers[command]
+    a = make().parse_args(argv)
+    run(a)
+    return 0

@@ -1,0 +1,244 @@
+"""NAS driver: search space, supernet weight sharing, strategies, resume, augmentation, costs."""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from shiftadd.nas.augment import AugNet
+from shiftadd.nas.net import GeneNet
+from shiftadd.nas.pipeline import GeneCosts, main as nas_main
+from shiftadd.nas.search import Search, SearchConfig, TensorData, pareto_front
+from shiftadd.nas.space import PRESETS, SearchSpace, gene_key, get_space
+from shiftadd.nas.supernet import PiecewiseRemap, Supernet, laplace_kl, recalibrate_bn
+
+
+@pytest.fixture(scope="module")
+def space():
+    return get_space("digits")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from shiftadd.data import load_dataset
+    from shiftadd.nas.pipeline import tensors
+
+    s = load_dataset("digits")
+    return s, tensors(s.train), tensors(s.val)
+
+
+# --------------------------------------------------------------------------------------
+# space
+# --------------------------------------------------------------------------------------
+
+
+def test_sampled_mutated_and_crossed_genes_are_valid(space):
+    rng = random.Random(0)
+    genes = [space.sample(rng) for _ in range(50)]
+    for a, b in zip(genes, genes[1:]):
+        space.validate(a)
+        space.validate(space.mutate(a, rng, 0.5))
+        space.validate(space.crossover(a, b, rng))
+    assert len({gene_key(g) for g in genes}) > 40
+
+
+def test_skip_only_where_shapes_agree(space):
+    plan = space.layer_plan()
+    widths = [16, 32, 48]
+    for slot in plan:
+        allowed = space.layer_ops(slot, widths)
+        assert ("skip" in allowed) == (slot.stride == 1 and not (slot.first and slot.stage > 0)
+                                       and (not slot.first or space.stem == widths[0]))
+    bad = space.uniform("conv", widths=widths)
+    bad["layers"][2]["op"] = "skip"  # first layer of stage 2: stride 2
+    with pytest.raises(ValueError, match="not allowed"):
+        space.validate(bad)
+
+
+def test_validate_rejects_foreign_genes(space):
+    g = space.uniform("adder")
+    with pytest.raises(ValueError, match="width"):
+        space.validate({**g, "widths": [7, 32, 48]})
+    with pytest.raises(ValueError, match="layers"):
+        space.validate({**g, "layers": g["layers"][:-1]})
+    with pytest.raises(ValueError, match="kernel"):
+        space.validate({**g, "layers": [{"op": "conv", "k": 7}] + g["layers"][1:]})
+
+
+def test_space_file_round_trip(tmp_path, space):
+    p = tmp_path / "space.json"
+    p.write_text(json.dumps(space.to_dict()))
+    assert SearchSpace.load(str(p)).to_dict() == space.to_dict()
+    for name in PRESETS:
+        get_space(name).sample(random.Random(0))
+
+
+# --------------------------------------------------------------------------------------
+# weight sharing
+# --------------------------------------------------------------------------------------
+
+
+def test_piecewise_remap_is_identity_then_monotone_and_continuous():
+    r = PiecewiseRemap(bins=8)
+    w = torch.linspace(-1.5, 2.5, 4001)
+    torch.testing.assert_close(r(w, w), w, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        r.log_scale.copy_(torch.randn(8))
+    y = r(w, w)
+    assert bool((y[1:] >= y[:-1] - 1e-6).all()), "monotone"
+    assert (y[1:] - y[:-1]).abs().max() < 0.05, "continuous at bin edges"
+    assert abs(r(torch.zeros(1), w).item()) < 1e-6, "0 maps to 0"
+    top = r(w.max().view(1), w)  # the maximum lies in the last bin (ShiftAddNAS dropped it)
+    assert top.item() == pytest.approx(y.max().item())
+
+
+def test_laplace_kl_is_smallest_when_the_remap_makes_weights_laplace_0_2():
+    """Latent w ~ Laplace(0, 1) stretched by s: the KL (up to a constant) is minimal at s = 2."""
+    torch.manual_seed(0)
+    w = torch.distributions.Laplace(0.0, 1.0).sample((50000,))
+    kl = {s: laplace_kl(w * s, torch.full_like(w, math.log(s))).item() for s in (0.5, 1.0, 2.0, 4.0, 8.0)}
+    assert min(kl, key=kl.get) == 2.0, kl
+
+
+@pytest.mark.parametrize("share", ["none", "naive", "hetero"])
+def test_supernet_runs_every_sampled_subnet(space, share):
+    torch.manual_seed(0)
+    net = Supernet(space, share)
+    rng = random.Random(1)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    for _ in range(3):
+        g = space.sample(rng)
+        out = net(x, g)
+        assert out.shape == (4, 10)
+        net.loss(out, y).backward()
+
+
+def test_sharing_modes_share_what_they_say(space):
+    none, naive, hetero = (Supernet(space, s) for s in ("none", "naive", "hetero"))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(none) > count(hetero) > count(naive)
+    layer = naive.layers[1]
+    assert layer.view("conv", 8, 8, 3).data_ptr() == layer.view("adder", 8, 8, 3).data_ptr()
+    h = hetero.layers[1]
+    with torch.no_grad():
+        h.remaps["adder"].log_scale.fill_(0.5)
+    torch.testing.assert_close(h.view("adder", 8, 8, 3), h.view("conv", 8, 8, 3) * math.exp(0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_recalibration_resets_statistics(space):
+    net = Supernet(space, "naive")
+    g = space.uniform("conv")
+    x = torch.randn(32, 1, 8, 8) * 3 + 1
+    recalibrate_bn(net, lambda b: net(b, g), [x])
+    assert not net.training
+    assert net.stem_bn.running_mean.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------
+# stand-alone nets and costs
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["conv", "shift", "adder", "shiftadd"])
+def test_gene_net_builds_each_operator(space, op):
+    net = GeneNet(space, space.uniform(op))
+    assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_gene_costs_order_and_sum(space):
+    costs = GeneCosts(space)
+    e = {op: costs(space.uniform(op))["energy_uJ"] for op in ("conv", "shift", "adder", "shiftadd")}
+    assert e["conv"] > e["adder"] > e["shift"], e
+    c = costs(space.uniform("adder"))
+    assert 0 < sum(c["layers_uJ"]) < c["energy_uJ"]  # the stem and classifier are the rest
+
+
+def test_pareto_front():
+    pts = [{"acc": 0.9, "energy_uJ": 2.0, "latency_ms": 1}, {"acc": 0.8, "energy_uJ": 1.0, "latency_ms": 1},
+           {"acc": 0.7, "energy_uJ": 1.5, "latency_ms": 1}]
+    front = pareto_front(pts)
+    assert pts[2] not in front and len(front) == 2
+
+
+# --------------------------------------------------------------------------------------
+# strategies and resume
+# --------------------------------------------------------------------------------------
+
+
+def _search(space, digits, out, strategy, resume=False, log=lambda *_: None, **kw):
+    _, (xt, yt), (xv, yv) = digits
+    cfg = SearchConfig(strategy=strategy, share="hetero", seed=3, supernet_epochs=2, darts_epochs=3, darts_warmup=1,
+                       population=6, parents=2, mutants=2, crossovers=2, generations=2, random_samples=5,
+                       batch_size=128, **kw)
+    s = Search(space, TensorData(xt[:384], yt[:384], xv[:128], yv[:128]), GeneCosts(space), cfg, str(out), log=log)
+    return s.run(resume=resume)
+
+
+@pytest.mark.parametrize("strategy", ["evo", "random", "darts"])
+def test_each_strategy_returns_a_valid_architecture(space, digits, tmp_path, strategy):
+    res = _search(space, digits, tmp_path, strategy)
+    space.validate(res["best"]["gene"])
+    assert 0 <= res["best"]["acc"] <= 1
+
+
+def test_budget_is_respected(space, digits, tmp_path):
+    costs = GeneCosts(space)
+    budget = 0.5 * costs(space.uniform("conv"))["energy_uJ"]
+    res = _search(space, digits, tmp_path, "evo", budget={"energy_uJ": budget})
+    assert res["best"]["energy_uJ"] <= budget
+    assert all(p["energy_uJ"] <= budget for p in res["pareto"])
+
+
+def test_search_killed_and_resumed_ends_the_same(space, digits, tmp_path):
+    straight = _search(space, digits, tmp_path / "a", "evo")
+
+    class Killed(Exception):
+        pass
+
+    def killer(msg):
+        if msg.startswith("generation 1/"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        _search(space, digits, tmp_path / "b", "evo", log=killer)
+    resumed = _search(space, digits, tmp_path / "b", "evo", resume=True)
+    assert resumed["best"]["gene"] == straight["best"]["gene"]
+    assert resumed["best"]["acc"] == straight["best"]["acc"]
+
+
+def test_resume_refuses_other_settings(space, digits, tmp_path):
+    _search(space, digits, tmp_path, "random")
+    with pytest.raises(ValueError, match="other settings"):
+        _search(space, digits, tmp_path, "random", resume=True, mutate_prob=0.3)
+
+
+# --------------------------------------------------------------------------------------
+# augmentation
+# --------------------------------------------------------------------------------------
+
+
+def test_augmented_tiny_net_extracts_exactly(space):
+    tiny_space = get_space("shiftaddaug")
+    gene = tiny_space.uniform("adder")
+    gene["layers"][1]["op"] = "shift"
+    torch.manual_seed(0)
+    aug = AugNet(tiny_space, gene)
+    x = torch.randn(8, 1, 8, 8)
+    aug.train()
+    aug.forward_tiny(x).sum().backward()
+    aug.forward_wide(x, 1).sum().backward()
+    aug.eval()
+    net = aug.extract().eval()
+    torch.testing.assert_close(net(x), aug(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_quick_writes_the_report(tmp_path):
+    out = tmp_path / "main"
+    nas_main("pipeline", ["--quick", "--out", str(out), "--random", "2", "--epochs", "1"])
+    report = (out / "report.md").read_text()
+    assert "| searched |" in report and "| all-adder |" in report and "random" in report
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert os.path.exists(out / "search" / "best.json")
