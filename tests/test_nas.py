@@ -86,7 +86,7 @@ def test_piecewise_remap_is_identity_then_monotone_and_continuous():
     w = torch.linspace(-1.5, 2.5, 4001)
     torch.testing.assert_close(r(w, w), w, rtol=0, atol=1e-6)
     with torch.no_grad():
-        r.log_scale.copy_(torch.randn(8))
+        r.log_scale_raw.copy_(torch.randn(8))
     y = r(w, w)
     assert bool((y[1:] >= y[:-1] - 1e-6).all()), "monotone"
     assert (y[1:] - y[:-1]).abs().max() < 0.05, "continuous at bin edges"
@@ -124,8 +124,9 @@ def test_sharing_modes_share_what_they_say(space):
     assert layer.view("conv", 8, 8, 3).data_ptr() == layer.view("adder", 8, 8, 3).data_ptr()
     h = hetero.layers[1]
     with torch.no_grad():
-        h.remaps["adder"].log_scale.fill_(0.5)
-    torch.testing.assert_close(h.view("adder", 8, 8, 3), h.view("conv", 8, 8, 3) * math.exp(0.5), rtol=1e-5, atol=1e-5)
+        h.remaps["adder"].log_scale_raw.fill_(0.5)
+    s = math.exp(3 * math.tanh(0.5 / 3))  # the bounded log-scale
+    torch.testing.assert_close(h.view("adder", 8, 8, 3), h.view("conv", 8, 8, 3) * s, rtol=1e-5, atol=1e-5)
 
 
 def test_bn_recalibration_resets_statistics(space):

@@ -9,7 +9,8 @@ multiple is drawn from ``width_mults`` (NetAug style; ShiftAddAug uses 2.2-3.2):
 shared weight through a learned piecewise-linear remap, and the KL term keeps the remapped
 adder weights Laplacian (as hetero sharing in :mod:`shiftadd.nas.supernet`), so sharing
 with the multiplicative net does not pull them toward a convolution's distribution.
-BatchNorms are separate per net and per wide width.  :meth:`AugNet.extract` returns the
+BatchNorms are separate per net and per wide width.  AdderNet's eta scaling is off on
+the shared weights (see :mod:`shiftadd.nas.supernet`).  :meth:`AugNet.extract` returns the
 tiny net alone (a :class:`~shiftadd.nas.net.GeneNet`, shift layers in DeepShift-Q mode),
 computing exactly what the tiny path computes.
 """
@@ -34,7 +35,7 @@ WIDTH_MULTS = (2.2, 2.7, 3.2)
 
 
 class AugLayer(nn.Module):
-    def __init__(self, op, c_in, c_out, wide_in, wide_out, k, stride, mults, weight_bits=5, eta=0.2):
+    def __init__(self, op, c_in, c_out, wide_in, wide_out, k, stride, mults, weight_bits=5, eta=None):
         super().__init__()
         self.op, self.k, self.stride, self.c_in, self.c_out = op, k, stride, c_in, c_out
         self.weight_bits, self.eta = weight_bits, eta
@@ -87,7 +88,7 @@ class AugNet(nn.Module):
     """A gene's tiny net inside a wide multiplicative net of `max(width_mults)` times its width."""
 
     def __init__(self, space: SearchSpace, gene: dict, width_mults: Sequence[float] = WIDTH_MULTS,
-                 weight_bits: int = 5, eta: Optional[float] = 0.2):
+                 weight_bits: int = 5, eta: Optional[float] = None):
         super().__init__()
         self.space, self.gene = space, space.validate(gene)
         self.mults = tuple(width_mults)
