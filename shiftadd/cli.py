@@ -4,10 +4,11 @@
     shiftadd search ...                NAS over a weight-sharing supernet (evo, darts, random)
     shiftadd retrain --arch best.json  train a searched architecture from scratch (--augment: ShiftAddAug)
     shiftadd rank ...                  supernet ranking quality (Kendall tau, naive vs hetero sharing)
+    shiftadd augment-compare --arch A  ShiftAddAug against direct training of the same tiny net (3 seeds)
     shiftadd train ...                 train a model of the zoo (resnet20/32/56, vgg_small x 4 variants)
     shiftadd energy ARCH.json | --model NAME ...   per-layer energy table
     shiftadd profile-latency ...       measure (and cache) the latency table of this device
-    shiftadd bench [adder|shift]       kernels versus references and today's implementations
+    shiftadd bench [adder|shift|nas]   kernels versus references and today's implementations; nas: end to end
     shiftadd info                      versions and backends (python -m shiftadd.info)
 
 `shiftadd <command> --help` describes each.
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("pipeline", "search", "retrain", "rank", "train", "energy", "profile-latency", "bench", "info")
+COMMANDS = ("pipeline", "search", "retrain", "rank", "augment-compare", "train", "energy", "profile-latency", "bench",
+            "info")
 
 
 def _energy(argv) -> int:
@@ -71,15 +73,17 @@ def main(argv=None) -> int:
         from .nas.cost import main_profile_latency
 
         return main_profile_latency(rest)
-    if cmd in ("pipeline", "search", "retrain", "rank"):
+    if cmd in ("pipeline", "search", "retrain", "rank", "augment-compare"):
         from .nas.pipeline import main as nas_main
 
         return nas_main(cmd, rest)
     which = "all"
-    if rest and rest[0] in ("adder", "shift", "all"):
+    if rest and rest[0] in ("adder", "shift", "nas", "all"):
         which, rest = rest[0], rest[1:]
-    from .bench import adder, shift
+    from .bench import adder, nas, shift
 
+    if which == "nas":
+        return nas.main(rest)
     rc = 0
     if which in ("adder", "all"):
         rc |= adder.main(rest)

@@ -154,8 +154,11 @@ class AugNet(nn.Module):
 
 def train_augmented(space: SearchSpace, gene: dict, splits, epochs: int = 30, batch_size: int = 64, lr: float = 0.05,
                     weight_decay: float = 5e-4, seed: int = 0, width_mults=WIDTH_MULTS, device="cpu",
-                    log=print) -> tuple:
-    """Trains the tiny net of `gene` with ShiftAddAug; returns (tiny GeneNet, history)."""
+                    log=print, wide: bool = True) -> tuple:
+    """Trains the tiny net of `gene` with ShiftAddAug; returns (tiny GeneNet, history).
+
+    wide=False is the ablation: the same tiny net, parametrisation, remap and optimiser,
+    without the wide net's loss (the tiny net "trained directly")."""
     from ..data import make_loaders
     from ..train import evaluate
 
@@ -174,9 +177,9 @@ def train_augmented(space: SearchSpace, gene: dict, splits, epochs: int = 30, ba
         t0, tot, n = time.time(), 0.0, 0
         for x, y in loaders.train:
             x, y = x.to(dev), y.to(dev)
-            mi = rng.randrange(len(net.mults))
-            loss = F.cross_entropy(net.forward_tiny(x), y) + F.cross_entropy(net.forward_wide(x, mi), y) \
-                + KL_WEIGHT * net.kl_loss()
+            loss = F.cross_entropy(net.forward_tiny(x), y) + KL_WEIGHT * net.kl_loss()
+            if wide:
+                loss = loss + F.cross_entropy(net.forward_wide(x, rng.randrange(len(net.mults))), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -184,6 +187,7 @@ def train_augmented(space: SearchSpace, gene: dict, splits, epochs: int = 30, ba
         net.eval()
         _, val_acc = evaluate(net, loaders.val, dev)
         history.append({"epoch": epoch + 1, "loss": tot / max(1, n), "val_acc": val_acc, "seconds": time.time() - t0})
-        log(f"augment epoch {epoch + 1}/{epochs} loss {tot / max(1, n):.3f} tiny val acc {val_acc:.4f}")
+        log(f"{'augment' if wide else 'direct'} epoch {epoch + 1}/{epochs} loss {tot / max(1, n):.3f} "
+            f"tiny val acc {val_acc:.4f}")
     tiny = net.extract().to(dev).eval()
     return tiny, history

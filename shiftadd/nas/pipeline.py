@@ -3,6 +3,7 @@
     shiftadd search --space digits --strategy evo --budget energy_uJ=2.5 --out runs/x
     shiftadd retrain --arch runs/x/best.json [--augment]
     shiftadd rank --space digits --subnets 20         # supernet ranking quality (Kendall tau)
+    shiftadd augment-compare --arch tiny.json         # ShiftAddAug against direct training, 3 seeds
     shiftadd pipeline --out runs/main                  # search, retrain, report (the main job)
 
 Costs of an architecture: energy from :mod:`shiftadd.nas.cost` on the built net (one
@@ -114,9 +115,12 @@ def _recipe_variant(gene: dict) -> str:
 
 
 def retrain(space: SearchSpace, gene: dict, splits, epochs: int, seed: int = 0, out_dir: Optional[str] = None,
-            augment: bool = False, device="cpu", progress: bool = False, costs: Optional[GeneCosts] = None,
+            augment=False, device="cpu", progress: bool = False, costs: Optional[GeneCosts] = None,
             log=print) -> dict:
-    """Trains the gene's net from scratch (or with ShiftAddAug); returns its accuracies and costs."""
+    """Trains the gene's net from scratch; returns its accuracies and costs.
+
+    augment: False (the zoo's training recipe for the net's operators), True (ShiftAddAug)
+    or "ablation" (the ShiftAddAug training of the tiny net without the wide net)."""
     from ..train import evaluate, recipe_for, train
     from ..data import make_loaders
 
@@ -124,7 +128,8 @@ def retrain(space: SearchSpace, gene: dict, splits, epochs: int, seed: int = 0, 
     if augment:
         from .augment import train_augmented
 
-        net, hist = train_augmented(space, gene, splits, epochs=epochs, seed=seed, device=device, log=log)
+        net, hist = train_augmented(space, gene, splits, epochs=epochs, seed=seed, device=device, log=log,
+                                    wide=augment is True)
         loaders = make_loaders(splits, 256, seed)
         _, val_acc = evaluate(net, loaders.val, device)
         _, test_acc = evaluate(net, loaders.test, device)
@@ -272,6 +277,34 @@ def run_retrain(a, log=print) -> dict:
     _write_json(os.path.join(out, "result.json"), r)
     log(f"test acc {r['test_acc']:.4f} (val {r['val_acc']:.4f}), energy {r['energy_uJ']:.3f} uJ -> {out}")
     return r
+
+
+def augment_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shiftadd augment-compare", description=(
+        "ShiftAddAug against direct training of the same tiny net, over several seeds: 'augment' (inside a wider "
+        "multiplicative net), 'direct' (the same training without the wide net) and 'direct-zoo' (the zoo recipe)."))
+    p.add_argument("--arch", required=True, help="a tiny multiplication-free net (best.json of the shiftaddaug preset)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--out", default="runs/augment")
+    _common(p)
+    return p
+
+
+def run_augment_compare(a, log=print) -> dict:
+    splits = load_data(a.data, a.data_dir, a.upscale)
+    space, gene = load_arch(a.arch, splits)
+    os.makedirs(a.out, exist_ok=True)
+    quiet = lambda *_: None  # noqa: E731
+    out = {"gene": gene, "runs": {}}
+    for name, aug in (("augment", True), ("direct", "ablation"), ("direct-zoo", False)):
+        accs = [retrain(space, gene, splits, a.epochs, a.seed + s, None, augment=aug, device=a.device, log=quiet)
+                ["test_acc"] for s in range(a.seeds)]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        out["runs"][name] = {"test_acc": accs, "mean": statistics.mean(accs), "sd": sd}
+        log(f"{name:>10}: test acc {statistics.mean(accs):.4f} +- {sd:.4f} over {len(accs)} seeds {accs}")
+    _write_json(os.path.join(a.out, "augment.json"), out)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -458,7 +491,8 @@ def plot_pareto(path: str, archive: list, results: list, budget: float) -> None:
 
 def main(command: str, argv=None) -> int:
     parsers = {"search": (search_parser, run_search), "retrain": (retrain_parser, run_retrain),
-               "rank": (rank_parser, run_rank), "pipeline": (pipeline_parser, run_pipeline)}
+               "rank": (rank_parser, run_rank), "pipeline": (pipeline_parser, run_pipeline),
+               "augment-compare": (augment_parser, run_augment_compare)}
     make, run = parsers[command]
     a = make().parse_args(argv)
     run(a)

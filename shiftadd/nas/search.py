@@ -12,8 +12,8 @@
   wd 3e-4) and architecture logits (Adam 3e-4, betas (0.5, 0.999), wd 1e-3) are updated
   alternately on the two halves of the training split; the first epochs warm the weights
   up; the softmax temperature is annealed from 10 to 0.02; a differentiable energy penalty
-  (the expected energy of the mixture over the all-conv energy) is added to the
-  architecture loss.  The result is each layer's most likely candidate.
+  (the expected energy of the mixture, over that of the most expensive choices) is added
+  to the architecture loss.  The result is each layer's most likely candidate.
 * ``random``: budget-feasible random subnets scored like ``evo``'s candidates (the
   baseline), after the same supernet training.
 
@@ -341,11 +341,12 @@ class Search:
         if self.alphas is None:
             self.alphas = [torch.zeros(len(cl), device=self.device, requires_grad=True) for cl in self.cand_lists]
             self._make_alpha_optimizer()
-        # expected-energy table: energy of every candidate at every layer, over the all-conv net's
-        widths = self.space.max_widths()
-        e_conv = self.costs(self.space.uniform("conv", widths=widths))["energy_uJ"]
-        e_table = [torch.tensor([self._layer_energy(i, op, k) for op, k in cl], device=self.device) / e_conv
+        # expected-energy table: every candidate's energy at every layer, over the most
+        # expensive choice's total (so the penalty lies in [0, 1])
+        e_table = [torch.tensor([self._layer_energy(i, op, k) for op, k in cl], device=self.device)
                    for i, cl in enumerate(self.cand_lists)]
+        e_top = float(sum(e.max() for e in e_table)) or 1.0
+        e_table = [e / e_top for e in e_table]
         half = len(self.data.x) // 2
         w_part, a_part = slice(0, half), slice(half, None)
         while self.epoch < c.darts_epochs:
@@ -385,7 +386,8 @@ class Search:
 
     def _layer_energy(self, index: int, op: str, k: int) -> float:
         """Energy (uJ) of searchable layer `index` with (op, k) at the widest setting."""
-        gene = self.space.uniform("conv", k=k, widths=self.space.max_widths())
+        base_op = next(o for o in self.space.ops if o != "skip")
+        gene = self.space.uniform(base_op, k=k, widths=self.space.max_widths())
         gene["layers"][index] = {"op": op, "k": k}
         return self.costs(gene)["layers_uJ"][index]
 

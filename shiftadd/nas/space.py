@@ -113,13 +113,14 @@ class SearchSpace:
         return {"space": self.name, "stem": self.stem, "widths": list(widths), "layers": [dict(l) for l in layers]}
 
     def uniform(self, op: str, k: Optional[int] = None, widths=None) -> dict:
-        """Every layer the same operator (skip replaced by conv where not allowed)."""
+        """Every layer the same operator; where it is not allowed (skip on a stride, an
+        operator outside the space), the space's first operator that is."""
         widths = list(widths or self.max_widths())
         k = k or self.kernels[0]
         layers = []
         for slot in self.layer_plan():
-            o = op if op in self.layer_ops(slot, widths) else "conv"
-            layers.append({"op": o, "k": k})
+            allowed = self.layer_ops(slot, widths)
+            layers.append({"op": op if op in allowed else allowed[0], "k": k})
         return self.gene(widths, layers)
 
     def validate(self, gene: dict) -> dict:

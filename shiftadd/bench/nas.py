@@ -1,0 +1,99 @@
+"""End-to-end: the fast kernels against the pure-PyTorch reference ops in real jobs.
+
+* training: seconds per step (and per epoch: steps per epoch x the measured step time) of
+  a ResNet-20 adder net (AdderNet recipe) at 32x32 (CIFAR-10 when --data-dir holds it,
+  else digits upscaled), with ``auto`` and with the ``reference`` backend forced;
+* search: wall time of the same small digits search (supernet training and evolution)
+  under both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import use_backend
+from .timing import environment, markdown_table
+
+
+def train_steps(device, data_dir, steps: int, batch: int, backend: str):
+    from ..data import load_dataset, make_loaders
+    from ..models import build_model
+    from ..train import make_optimizer, recipe_for
+
+    if data_dir and os.path.isdir(data_dir):
+        splits, name = load_dataset("cifar10", data_dir), "cifar10"
+    else:
+        splits, name = load_dataset("digits", upscale=32), "digits upscaled to 32x32"
+    torch.manual_seed(0)
+    model = build_model("resnet20", "adder", splits.num_classes, splits.in_channels).to(device)
+    opt = make_optimizer(model, recipe_for("adder", splits.name))
+    loaders = make_loaders(splits, batch, 0)
+    it = iter(loaders.train)
+    times = []
+    with use_backend(backend):
+        for i in range(steps + 1):
+            try:
+                x, y = next(it)
+            except StopIteration:
+                it = iter(loaders.train)
+                x, y = next(it)
+            x, y = x.to(device), y.to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first step warms up
+                times.append(time.perf_counter() - t)
+    step = sorted(times)[len(times) // 2]
+    return {"data": name, "step_s": step, "steps_per_epoch": len(loaders.train), "epoch_s": step * len(loaders.train)}
+
+
+def search_time(device, backend: str):
+    from ..nas.pipeline import main as nas_main
+
+    with tempfile.TemporaryDirectory() as out, use_backend(backend):
+        t = time.perf_counter()
+        nas_main("search", ["--out", out, "--epochs", "3", "--generations", "3", "--population", "12",
+                            "--device", str(device)])
+        return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="shiftadd bench nas", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data-dir", default=None, help="a local CIFAR-10 (else digits upscaled)")
+    p.add_argument("--steps", type=int, default=5, help="measured training steps per backend")
+    p.add_argument("--batch", type=int, default=128)
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    print(f"# end to end, fast kernels versus reference ops, {device.type}: {environment(device)}\n")
+    rows = []
+    tr = {b: train_steps(device, a.data_dir, a.steps, a.batch, b) for b in ("auto", "reference")}
+    for b, r in tr.items():
+        rows.append({"job": f"ResNet-20 adder train, batch {a.batch}, {r['data']}", "backend": b,
+                     "s/step": r["step_s"], "s/epoch": r["epoch_s"],
+                     "ref / this": tr["reference"]["step_s"] / r["step_s"]})
+    st = {b: search_time(device, b) for b in ("auto", "reference")}
+    for b, t in st.items():
+        rows.append({"job": "digits search (3 supernet epochs, 3 generations of 12)", "backend": b, "seconds": t,
+                     "ref / this": st["reference"] / t})
+    print(markdown_table(rows, ["job", "backend", "s/step", "s/epoch", "seconds", "ref / this"]))
+    print(f"\ns/epoch = steps per epoch ({tr['auto']['steps_per_epoch']}) x the median of {a.steps} measured steps.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
