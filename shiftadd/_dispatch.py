@@ -66,10 +66,14 @@ def _load_extension() -> None:
     if os.environ.get("SHIFTADD_DISABLE_EXT", "0") == "1":
         _C_ERROR = "disabled by SHIFTADD_DISABLE_EXT=1"
         return
+    if importlib.util.find_spec(__package__ + "._C") is None:
+        _C_ERROR = ("shiftadd._C is not built (installed with SHIFTADD_BUILD_EXT=0, or without torch or a compiler "
+                    "at build time); build it with `pip install --no-build-isolation .`")
+        return
     try:
         from . import _C as ext  # registers the CPU (and CUDA) kernels of the compiled ops
     except ImportError as e:
-        _C_ERROR = f"shiftadd._C could not be imported ({e}); it is built by `pip install --no-build-isolation .`"
+        _C_ERROR = f"shiftadd._C failed to load ({e}); rebuild with `pip install --no-build-isolation .`"
         return
     _C = ext
 
