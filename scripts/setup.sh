@@ -21,8 +21,8 @@ pip_q() { python -m pip install -q --disable-pip-version-check "$@"; }
 
 python -c "import setuptools, wheel" 2>/dev/null || pip_q "setuptools>=64" wheel
 python -c "import torch" 2>/dev/null || { echo "setup: installing $TORCH_SPEC"; pip_q "$TORCH_SPEC"; }
-python -c "import numpy, ninja, pytest, pytest_benchmark, hypothesis" 2>/dev/null || \
-  pip_q numpy ninja pytest pytest-benchmark hypothesis
+python -c "import numpy, ninja, pytest, pytest_benchmark, hypothesis, sklearn, scipy, tqdm, matplotlib, yaml" \
+  2>/dev/null || pip_q numpy ninja pytest pytest-benchmark hypothesis scikit-learn scipy tqdm matplotlib pyyaml
 python -c "import triton" 2>/dev/null || pip_q triton || echo "setup: triton unavailable; its backend is skipped"
 
 stamp=.venv/.shiftadd-build

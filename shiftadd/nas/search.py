@@ -256,18 +256,21 @@ class Search:
             for group in self.opt.param_groups:
                 group["lr"] = self._lr_at(self.epoch)
             self.net.train()
-            t0, total, n = time.time(), 0.0, 0
+            t0, total, total_ce, n = time.time(), 0.0, 0.0, 0
             for x, y in self.data.batches(self.cfg.seed * 1000 + self.epoch, self.cfg.batch_size):
                 gene = self.space.sample(self.rng)
-                loss = self.net.loss(self.net(x, gene), y)
+                logits = self.net(x, gene)
+                loss = self.net.loss(logits, y)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
                 total, n = total + loss.item(), n + 1
+                total_ce += F.cross_entropy(logits.detach(), y).item()
             self.epoch += 1
             self.history.append({"phase": "supernet", "epoch": self.epoch, "loss": total / max(1, n),
-                                 "seconds": time.time() - t0})
-            self.log(f"supernet epoch {self.epoch}/{self.total_epochs} loss {total / max(1, n):.3f} "
+                                 "ce": total_ce / max(1, n), "seconds": time.time() - t0})
+            extra = f" (CE {total_ce / max(1, n):.3f} + KL term)" if self.cfg.share == "hetero" else ""
+            self.log(f"supernet epoch {self.epoch}/{self.total_epochs} loss {total / max(1, n):.3f}{extra} "
                      f"({time.time() - t0:.1f} s)")
             self.save()
         self.phase = "evo" if self.cfg.strategy == "evo" else "random"
