@@ -41,7 +41,7 @@ def _energy(argv) -> int:
         d = json.load(open(a.arch))
         space = SearchSpace.from_dict(d["space"]) if isinstance(d.get("space"), dict) else None
         if space is None:
-            from .nas.pipeline import load_data, space_for
+            from .nas.pipeline import load_data
 
             space, gene = load_arch(a.arch, load_data("digits"))
         else:

@@ -245,21 +245,30 @@ def round_to_fixed(x: torch.Tensor, int_bits: int = 16, frac_bits: int = 16) -> 
     return _dispatch.get_op("round_to_fixed", x)(x, int_bits, frac_bits)
 
 
-def _shift_weight(weight, sign, mode, weight_bits, rounding, generator):
-    if mode not in SHIFT_MODES:
-        raise ValueError(f"mode must be one of {SHIFT_MODES}, got {mode!r}")
-    if mode == "pot":
-        _check_tensor("weight", weight)
-        return weight
-    return quantize_pot(weight, weight_bits, mode=mode, sign=sign, rounding=rounding, generator=generator)
-
-
 def _act_bits(act_bits):
     if act_bits is None:
         return None
     if isinstance(act_bits, (tuple, list)) and len(act_bits) == 2:
         return int(act_bits[0]), int(act_bits[1])
     raise ValueError(f"act_bits must be None or (int_bits, frac_bits), got {act_bits!r}")
+
+
+def _shift_operands(x, weight, bias, sign, mode, weight_bits, act_bits, rounding, generator):
+    """(x, power-of-two weight, bias) of a shift layer, x and bias rounded to fixed point
+    when act_bits is given."""
+    _check_tensor("x", x)
+    act = _act_bits(act_bits)
+    if mode not in SHIFT_MODES:
+        raise ValueError(f"mode must be one of {SHIFT_MODES}, got {mode!r}")
+    if mode == "pot":
+        _check_tensor("weight", weight)
+        w = weight
+    else:
+        w = quantize_pot(weight, weight_bits, mode=mode, sign=sign, rounding=rounding, generator=generator)
+    if act is not None:
+        x = round_to_fixed(x, *act)
+        bias = None if bias is None else round_to_fixed(bias, *act)
+    return x, w, bias
 
 
 def shift_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, mode: str = "q",
@@ -271,12 +280,7 @@ def shift_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     the shift P with ``sign`` S; "pot": weight is already power-of-two (used as is).
     act_bits (int_bits, frac_bits) rounds x and bias to fixed point first.
     """
-    _check_tensor("x", x)
-    act = _act_bits(act_bits)
-    w = _shift_weight(weight, sign, mode, weight_bits, rounding, generator)
-    if act is not None:
-        x = round_to_fixed(x, *act)
-        bias = None if bias is None else round_to_fixed(bias, *act)
+    x, w, bias = _shift_operands(x, weight, bias, sign, mode, weight_bits, act_bits, rounding, generator)
     return F.linear(x, w, bias)
 
 
@@ -289,12 +293,7 @@ def shift_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     x (N, C, H, W) or (C, H, W), weight (O, C/groups, kh, kw) -> (N, O, Ho, Wo); other
     arguments as :func:`torch.nn.functional.conv2d` and :func:`shift_linear`.
     """
-    _check_tensor("x", x)
-    act = _act_bits(act_bits)
-    w = _shift_weight(weight, sign, mode, weight_bits, rounding, generator)
-    if act is not None:
-        x = round_to_fixed(x, *act)
-        bias = None if bias is None else round_to_fixed(bias, *act)
+    x, w, bias = _shift_operands(x, weight, bias, sign, mode, weight_bits, act_bits, rounding, generator)
     return F.conv2d(x, w, bias, stride, padding, dilation, groups)
 
 

@@ -300,11 +300,17 @@ def test_main_profile_latency_config_file(tmp_path, counted, capsys):
 
 
 def test_timer_takes_the_median(monkeypatch):
-    ticks = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])  # durations 1, 3, 2
-    monkeypatch.setattr(cost.time, "perf_counter", lambda: next(ticks))
-    calls = []
-    assert cost._time_call(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=3) == 2.0
-    assert len(calls) == 5
+    """Each call of fn advances a fake clock by its planned duration: warm-up 5 and 7, then 1, 3, 2."""
+    import shiftadd._timing as timing
+
+    clock = [0.0]
+    durations = iter([5.0, 7.0, 1.0, 3.0, 2.0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def fn():
+        clock[0] += next(durations)
+
+    assert cost._time_call(fn, torch.device("cpu"), warmup=2, repeats=3) == 2.0
 
 
 @pytest.mark.gpu

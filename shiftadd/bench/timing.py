@@ -2,43 +2,11 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable, Optional
 
 import torch
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], object], device: torch.device, min_time: float = 0.3, max_reps: int = 50,
-            warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds, after `warmup` calls; repeats until `min_time`
-    has passed (at least 3 repetitions when a call is fast, 1 when it is slow)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps:
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        spent = time.perf_counter() - start
-        if spent >= min_time and len(times) >= 3 or spent >= 4 * min_time:
-            break
-    return statistics.median(times)
+from .._timing import measure, sync  # noqa: F401  (re-exported for the benchmarks)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:

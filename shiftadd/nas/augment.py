@@ -29,7 +29,7 @@ from torch import nn
 from .. import functional as SF
 from .net import GeneNet
 from .space import SearchSpace
-from .supernet import KL_WEIGHT, PiecewiseRemap, _crop, laplace_kl
+from .supernet import KL_WEIGHT, PiecewiseRemap, laplace_kl
 
 WIDTH_MULTS = (2.2, 2.7, 3.2)
 

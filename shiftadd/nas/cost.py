@@ -49,7 +49,6 @@ import math
 import os
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -62,6 +61,7 @@ from torch import nn
 
 from .. import __version__
 from .. import nn as snn
+from .._timing import measure
 
 # ----------------------------------------------------------------------------------------
 # energy constants
@@ -624,31 +624,10 @@ def latency_cache_path(device=None, cache_dir=None, version: str = __version__) 
     return latency_cache_dir(cache_dir) / f"{_slug(device_key(device))}-{version}.json"
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
     """Median seconds of fn() over ``repeats`` calls after ``warmup`` calls: CUDA events on a
     GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e-3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return measure(fn, device, warmup=warmup, reps=repeats)
 
 
 def measure_op(op: str, config, device=None, warmup: int = 3, repeats: int = 10) -> float:

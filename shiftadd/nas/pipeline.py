@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from typing import Optional
@@ -436,7 +434,7 @@ def run_pipeline(a, log=print) -> dict:
 def write_report(out: str, space, results: list, archive: list, budget: float, e_conv: float, seconds: float, a) -> str:
     rand = [r["test_acc"] for r in results if r["name"].startswith("random")]
     searched = next(r for r in results if r["name"] == "searched")
-    lines = [f"# shiftadd pipeline report", "",
+    lines = ["# shiftadd pipeline report", "",
              f"shiftadd {__version__}, torch {torch.__version__}, device {a.device}, data {a.data}, space {space.name}, "
              f"seed {a.seed}, {seconds:.0f} s", "",
              f"Energy budget: {budget:.3f} uJ per inference ({a.budget_frac:.0%} of the widest all-conv net, "

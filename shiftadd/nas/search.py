@@ -24,7 +24,6 @@ search resumed with ``resume=True`` ends exactly where an uninterrupted one does
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random

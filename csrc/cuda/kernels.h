@@ -1,0 +1,93 @@
+// Raw-pointer launchers of the shiftadd CUDA kernels (csrc/cuda/*_kernels.cu).
+//
+// Plain C++ types only: this header is included by the .cu files (which see no torch
+// header) and by the torch glue (csrc/cuda/adder.cpp, shift.cpp).  Every launcher takes
+// device pointers, sizes and strides in elements (int64), a dtype tag and a stream; it
+// checks its configuration, enqueues its kernels on `stream` and returns the
+// cudaError_t of the launch (cudaSuccess, or the first error).  Nothing is synchronised.
+//
+// Adder operators (REFERENCE §1) as implicit GEMMs over rows r = (n, oy, ox) (R = N Ho Wo),
+// output channels o inside a group (Og) and the reduction k = (c, i, j) inside a group
+// (K = Cg kh kw); X is the implicit im2col of x, padded positions read as zeros of x:
+//
+//   forward          Y[r, o]  = -sum_k |X[r, k] - W[o, k]|
+//   grad input       dX[r, k] =  sum_o g[r, o] f(W[o, k] - X[r, k]),  f = hardtanh | sign
+//   grad weight      dW[o, k] =  sum_r g[r, o] sign(X[r, k] - W[o, k])     (exact mode)
+//
+// Accumulation is in float32 for every input dtype.  Index limits: see adder_check_sizes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace shiftadd {
+namespace cuda {
+
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
+
+// Kernel choice (tests force one; Auto picks by shape).
+enum class Algo : int { Auto = 0, Tiled = 1, Direct = 2 };
+
+// The conv geometry, same fields and meaning as shiftadd::Geom in csrc/shiftadd.h (kept
+// free of torch types).  A linear layer is H = W = kh = kw = 1, xsH = xsW = 0.
+struct ConvGeom {
+  int64_t N = 0, C = 0, H = 1, W = 1;          // input x (N, C, H, W)
+  int64_t xsN = 0, xsC = 0, xsH = 0, xsW = 0;  // strides of x in elements (any layout)
+  int64_t O = 0, kh = 1, kw = 1;               // weight (O, C/G, kh, kw), contiguous
+  int64_t sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1, G = 1;
+  int64_t Ho = 1, Wo = 1;                      // output spatial size
+  int64_t Cg = 0, Og = 0, K = 0;               // C/G, O/G, Cg kh kw
+};
+
+// nullptr when the kernels can run this geometry, else a static message naming the
+// quantity that does not fit their 32-bit index arithmetic (rows N*Ho*Wo, input
+// positions N*H*W, weight elements, the element span of one image of x, ...).  Offsets
+// into x, y, dx and grad are 64-bit; only these counts must stay below 2^31.
+const char* adder_check_sizes(const ConvGeom& g);
+
+// ---------------------------------------------------------------------------------
+// Adder forward.  x: dtype dt, strides g.xs*; w: contiguous (O, Cg, kh, kw), dtype dt;
+// y: dtype dt, element strides ys = {n, o, oy, ox} (linear: {n, o, 0, 0}).  Requires
+// g.K > 0 (the caller fills y with zeros when K == 0); nothing is launched when R or
+// Og is 0.  Workspace: adder_forward_workspace(g, algo) bytes of device memory, aligned
+// to 256 bytes (a packed weight copy and the im2col column table).
+size_t adder_forward_workspace(const ConvGeom& g, Algo algo);
+cudaError_t adder_forward(const ConvGeom& g, DType dt, const void* x, const void* w, void* y, const int64_t* ys,
+                          void* workspace, size_t workspace_bytes, Algo algo, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------
+// Adder grad input (gather formulation, no atomics: each output element of dx is
+// written exactly once, zero where no output position reads it).
+// gt: grad_out as float32, contiguous (O, R) (row o = output channel, column r = n Ho Wo
+// position); x, w as for the forward; dx: dtype dt, element strides dxs = {n, c, y, x}
+// (linear: {n, c, 0, 0}).  exact: sign instead of hardtanh.  Requires R > 0 and
+// Og > 0 (the caller returns zeros otherwise).
+size_t adder_grad_input_workspace(const ConvGeom& g, Algo algo);
+cudaError_t adder_grad_input(const ConvGeom& g, DType dt, bool exact, const float* gt, const void* x, const void* w,
+                             void* dx, const int64_t* dxs, void* workspace, size_t workspace_bytes, Algo algo,
+                             cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------
+// Adder grad weight, exact (sign) mode.  Deterministic: rows are split across blocks
+// into float32 partial sums (workspace) that a second kernel adds in a fixed order.
+// gt as for grad input; dw: dtype dt, contiguous (O, Cg, kh, kw), fully written.
+// Requires R > 0 (the caller returns zeros otherwise).
+size_t adder_grad_weight_workspace(const ConvGeom& g, Algo algo);
+cudaError_t adder_grad_weight_exact(const ConvGeom& g, DType dt, const float* gt, const void* x, const void* w,
+                                    void* dw, void* workspace, size_t workspace_bytes, Algo algo, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------
+// Power-of-two quantizers (REFERENCE §2), elementwise over n contiguous elements, bit
+// for bit what csrc/cpu/shift.cpp computes (all four dtypes, float64 included).
+// noise: nullptr for deterministic rounding, else n uniform [0, 1) values of dtype dt.
+cudaError_t quantize_pot_q(DType dt, const void* w, const void* noise, void* out, int64_t n, int weight_bits,
+                           cudaStream_t stream);
+cudaError_t quantize_pot_ps(DType dt, const void* shift, const void* sign, const void* noise, void* out, int64_t n,
+                            int weight_bits, cudaStream_t stream);
+cudaError_t round_to_fixed(DType dt, const void* x, void* out, int64_t n, int int_bits, int frac_bits,
+                           cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace shiftadd
