@@ -43,10 +43,10 @@ def _ext_modules():
     link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
-    with_cuda = _flag("FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    with_cuda = bool(cuda_sources) and (_flag("FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None))
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         ext = CUDAExtension(
             "shiftadd._C",
             cpu_sources + cuda_sources,

@@ -10,8 +10,10 @@ Backends, in the order ``auto`` tries them for each device type:
 ``reference``   pure PyTorch (``shiftadd.reference``): any device, always available
 ==============  =====================================================================
 
-``auto`` on CUDA tensors: cuda, then triton, then reference.  On CPU tensors: cpu,
-then reference.  On any other device: reference.  ``SHIFTADD_BACKEND=<name>`` (read at
+``auto`` on CUDA tensors: cuda, then triton, then reference, but only GPU backends
+listed in ``GPU_VALIDATED`` (those whose kernels have passed the test suite on a GPU)
+are chosen automatically; the others run when forced.  On CPU tensors: cpu, then
+reference.  On any other device: reference.  ``SHIFTADD_BACKEND=<name>`` (read at
 import) or ``with shiftadd.use_backend(name):`` force one backend; forcing one that
 cannot run the call raises :class:`BackendUnavailable` with the reason.
 
@@ -45,6 +47,12 @@ DTYPES = {
     "cpu": _FLOATS,
     "reference": _FLOATS,
 }
+
+
+# GPU backends whose kernels have passed tests/ on a real GPU; `auto` uses only these.  The
+# CUDA and Triton kernels so far were compile-checked (nvcc, Triton's sm_90 compiler) and
+# verified under the Triton interpreter, not yet run on a GPU.
+GPU_VALIDATED: frozenset = frozenset()
 
 
 class BackendUnavailable(RuntimeError):
@@ -107,6 +115,16 @@ def _compiled_cuda() -> bool:
     return _C is not None and bool(getattr(_C, "with_cuda", False))
 
 
+_KERNELS: dict = {}
+
+
+def _has_kernel(family: str, key: str) -> bool:
+    """Whether the compiled op of `family` has a kernel registered for dispatch key `key`."""
+    if (family, key) not in _KERNELS:
+        _KERNELS[(family, key)] = torch._C._dispatch_has_kernel_for_dispatch_key("shiftadd::" + family, key)
+    return _KERNELS[(family, key)]
+
+
 def backend_error(name: str) -> str | None:
     """Why `name` cannot run at all in this process, or None."""
     if name == "reference":
@@ -133,7 +151,7 @@ def why_not(name: str, family: str, device: torch.device, dtype: torch.dtype) ->
     if err is not None:
         return err
     fams = _TRITON_FAMILIES if name == "triton" else _ops.FAMILIES[name]
-    if family not in fams:
+    if family not in fams or (name == "cuda" and not _has_kernel(family, "CUDA")):
         return f"the {name} backend has no kernel for {family}"
     dev = device.type
     if name == "cpu" and dev != "cpu":
@@ -195,9 +213,14 @@ def select(family: str, x: torch.Tensor) -> str:
                                      f"{x.device} {x.dtype}: {reason}")
         return forced
     for name in AUTO_ORDER.get(x.device.type, ("reference",)):
-        if why_not(name, family, x.device, x.dtype) is None:
+        if why_not(name, family, x.device, x.dtype) is None and auto_eligible(name):
             return name
     return "reference"
+
+
+def auto_eligible(name: str) -> bool:
+    """CPU backends always; GPU backends once validated on a GPU (GPU_VALIDATED)."""
+    return name in ("cpu", "reference") or name in GPU_VALIDATED
 
 
 def get_op(family: str, x: torch.Tensor):
@@ -212,7 +235,7 @@ def explain(device: str | torch.device = "cpu", family: str = "adder_conv2d",
     device = torch.device(device)
     out = {name: why_not(name, family, device, dtype) for name in BACKENDS}
     order = AUTO_ORDER.get(device.type, ("reference",))
-    out["auto"] = next((n for n in order if out[n] is None), "reference")
+    out["auto"] = next((n for n in order if out[n] is None and auto_eligible(n)), "reference")
     return out
 
 

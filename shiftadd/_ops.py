@@ -200,8 +200,8 @@ def _no_double_backward(name: str):
     return backward
 
 
-def _st_setup(ctx, inputs, output):
-    ctx.save_for_backward(output)
+def _save_output(ctx, inputs, output):
+    ctx.save_for_backward(output)  # PS: dL/dP needs W
 
 
 def _quantize_pot_q_backward(ctx, grad):
@@ -232,8 +232,10 @@ def _finish_registration(backend: str, family: str) -> None:
     if family in ("adder_linear", "adder_conv2d"):
         setup, bwd = _adder_autograd(backend, family)
         torch.library.register_autograd(qualname, bwd, setup_context=setup, lib=LIB)
-    elif family in _QUANT_BACKWARD:
-        torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], setup_context=_st_setup, lib=LIB)
+    elif family == "quantize_pot_ps":
+        torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], setup_context=_save_output, lib=LIB)
+    elif family in _QUANT_BACKWARD:  # straight-through: nothing to save
+        torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], lib=LIB)
     else:
         torch.library.register_autograd(qualname, _no_double_backward(family), lib=LIB)
 

@@ -23,31 +23,22 @@ COMMANDS = ("pipeline", "search", "retrain", "rank", "augment-compare", "train",
 
 
 def _energy(argv) -> int:
+    """`shiftadd energy ARCH.json` (a searched architecture) or `--model NAME ...` (the zoo)."""
     from .nas import cost
 
     if argv and argv[0].endswith(".json"):
+        import argparse
+
         from .nas.net import GeneNet
         from .nas.pipeline import load_arch
-        from .nas.space import SearchSpace
-
-        import argparse
-        import json
 
         p = argparse.ArgumentParser(prog="shiftadd energy ARCH.json")
         p.add_argument("arch")
         p.add_argument("--precision", default="fp32", choices=cost.PRECISIONS)
         p.add_argument("--convention", default="paper", choices=cost.CONVENTIONS)
         a = p.parse_args(argv)
-        d = json.load(open(a.arch))
-        space = SearchSpace.from_dict(d["space"]) if isinstance(d.get("space"), dict) else None
-        if space is None:
-            from .nas.pipeline import load_data
-
-            space, gene = load_arch(a.arch, load_data("digits"))
-        else:
-            gene = space.validate(d.get("gene", d))
-        net = GeneNet(space, gene)
-        print(cost.energy_table(net, (space.in_channels, space.image_size, space.image_size),
+        space, gene = load_arch(a.arch)
+        print(cost.energy_table(GeneNet(space, gene), (space.in_channels, space.image_size, space.image_size),
                                 precision=a.precision, convention=a.convention))
         return 0
     return cost.main_energy(argv)
@@ -80,6 +71,10 @@ def main(argv=None) -> int:
     which = "all"
     if rest and rest[0] in ("adder", "shift", "nas", "all"):
         which, rest = rest[0], rest[1:]
+    elif rest and rest[0] in ("-h", "--help"):
+        print("shiftadd bench [adder|shift|nas|all] [options]: `shiftadd bench adder --help` etc. for each table's "
+              "options (all = adder then shift)")
+        return 0
     from .bench import adder, nas, shift
 
     if which == "nas":

@@ -29,6 +29,8 @@ def report() -> str:
     else:
         lines.append(f"compiled extension: NOT loaded: {_dispatch._C_ERROR}")
     lines.append(f"forced backend: {_dispatch.forced_backend()} (SHIFTADD_BACKEND / shiftadd.use_backend)")
+    validated = ", ".join(sorted(_dispatch.GPU_VALIDATED)) or "none yet (not run on a GPU; force one to use it)"
+    lines.append(f"GPU backends auto may choose: {validated}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         lines.append("")

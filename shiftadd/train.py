@@ -67,7 +67,7 @@ from torch import nn
 
 from .data import DATASETS, Splits, epoch_seed, load_dataset, make_loaders
 from .models import MODELS, VARIANTS, build_model
-from .nn import ShiftConv2d, ShiftLinear
+from .nn import ShiftConv2d, ShiftLinear, renormalize_eta_grads
 
 OPTIMIZERS = ("sgd", "adam", "radam")
 CHECKPOINT = "checkpoint.pt"
@@ -322,7 +322,8 @@ def atomic_save(obj, path: str) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
-def _atomic_json(obj, path: str) -> None:
+def atomic_json(obj, path: str) -> None:
+    """json.dump with the same all-or-nothing guarantee as :func:`atomic_save`."""
     _atomic_write(path, lambda f: (json.dump(obj, f, indent=2), f.write("\n")), "w")
 
 
@@ -431,6 +432,10 @@ def train(model: nn.Module, splits: Splits, epochs: Optional[int] = None, batch_
                 total, loss = compute_loss(model, out, y, recipe)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
+                if scaler.is_enabled():
+                    # the adder layers' eta scaling ignores the loss scale: unscale, then restore it
+                    scaler.unscale_(optimizer)
+                    renormalize_eta_grads(model)
                 scaler.step(optimizer)
                 scaler.update()
                 n = y.numel()
@@ -456,7 +461,7 @@ def train(model: nn.Module, splits: Splits, epochs: Optional[int] = None, batch_
                              "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                              "rng": _rng_state(loaders), "rank": rank, "history": hist, "seed": seed,
                              "recipe": dataclasses.asdict(recipe), "meta": meta or {}}, ckpt_path)
-                _atomic_json(hist, os.path.join(out_dir, "history.json"))
+                atomic_json(hist, os.path.join(out_dir, "history.json"))
             if epoch_bar is not None:
                 epoch_bar.update(1)
                 epoch_bar.set_postfix(loss=f"{hist['train_loss'][-1]:.3f}", train=f"{hist['train_acc'][-1]:.3f}",
@@ -476,7 +481,7 @@ def train(model: nn.Module, splits: Splits, epochs: Optional[int] = None, batch_
                  **(meta or {})}
         hist["final"] = final
         if is_main and out_dir:
-            _atomic_json(final, os.path.join(out_dir, "final.json"))
+            atomic_json(final, os.path.join(out_dir, "final.json"))
             atomic_save({"state_dict": model.state_dict(), "meta": meta or {}, "final": final},
                         os.path.join(out_dir, "model.pt"))
         return hist

@@ -122,12 +122,14 @@ def test_reference_is_independent_of_its_chunk_size(monkeypatch):
 
 
 def make(shape, dtype, device, layout="contiguous"):
-    t = torch.randn(shape, dtype=torch.float32, device=device)
+    """Random values of `dtype` in the given layout (the layout is made after the cast, so
+    a strided half tensor really is strided)."""
+    if layout == "strided":
+        return torch.randn(*shape[:-1], 2 * shape[-1], device=device).to(dtype)[..., ::2]
+    t = torch.randn(shape, dtype=torch.float32, device=device).to(dtype)
     if layout == "channels_last" and len(shape) == 4:
         t = t.contiguous(memory_format=torch.channels_last)
-    elif layout == "strided":
-        t = torch.randn(*shape[:-1], 2 * shape[-1], device=device)[..., ::2]
-    return t.to(dtype)
+    return t
 
 
 def check_against_reference(backend, family, x, w, args, mode, dtype):

@@ -123,3 +123,8 @@ def test_nan_input_gives_nan_output_not_an_error():
     x[0, 1] = float("nan")
     y = shiftadd.adder_linear(x, torch.randn(3, 4))
     assert y[0].isnan().all() and not y[1].isnan().any()
+
+
+def test_zero_features_give_zero_distance():
+    y = shiftadd.adder_linear(torch.randn(2, 3, 0), torch.randn(4, 0))
+    assert y.shape == (2, 3, 4) and bool((y == 0).all())

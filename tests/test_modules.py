@@ -189,18 +189,20 @@ def test_compile_under_each_cpu_backend():
             torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))
 
 
-def test_autocast_cpu_bfloat16():
+def test_autocast_runs_adder_layers_in_float32():
+    """Under autocast the adder ops take float32 (as torch.cdist), whatever their inputs' dtype."""
     m = AdderConv2d(3, 4, 3, padding=1, bias=True)
     lin = AdderLinear(4, 2)
+    conv = nn.Conv2d(3, 3, 1)
     x = torch.randn(2, 3, 6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = m(x)
+        h = conv(x)  # a bfloat16 activation, as a multiplicative layer leaves it
+        y = m(h)
         z = lin(y.mean((2, 3)))
-    assert y.dtype == torch.bfloat16 and z.dtype == torch.bfloat16
-    want = op("reference", "adder_conv2d")(x.bfloat16(), m.weight.bfloat16(), [1, 1], [1, 1], [1, 1], 1, "addernet")
-    want = want + m.bias.bfloat16().view(1, -1, 1, 1)
-    torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-1)
-    z.float().sum().backward()
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.float32 and z.dtype == torch.float32
+    want = op("reference", "adder_conv2d")(h.float(), m.weight, [1, 1], [1, 1], [1, 1], 1, "addernet")
+    torch.testing.assert_close(y, want + m.bias.view(1, -1, 1, 1))
+    z.sum().backward()
     assert m.weight.grad.dtype == torch.float32 and torch.isfinite(m.weight.grad).all()
 
 
@@ -213,3 +215,21 @@ def test_modules_move_to_cuda_and_back():
     yc = net.cuda()(x.cuda())
     torch.testing.assert_close(yc.cpu(), y, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(net.cpu()(x), y)
+
+
+def test_eta_scaling_survives_a_loss_scaler():
+    """AdderNet's scaling ignores the loss scale; after GradScaler-style unscaling,
+    renormalize_eta_grads restores the weight gradient's size (and direction)."""
+    from shiftadd.nn import renormalize_eta_grads
+
+    torch.manual_seed(0)
+    m = AdderConv2d(3, 4, 3, padding=1, eta=0.2)
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 3, 5, 5)
+    ref(x).square().sum().backward()
+    scale = 65536.0
+    (m(x).square().sum() * scale).backward()
+    m.weight.grad.div_(scale)  # what scaler.unscale_ does
+    assert m.weight.grad.norm() < 1e-3 * ref.weight.grad.norm()
+    renormalize_eta_grads(m)
+    torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-6)

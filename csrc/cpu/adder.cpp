@@ -137,7 +137,8 @@ at::Tensor forward_impl(const char* op, const at::Tensor& x_in, const at::Tensor
     g.xsN = x.stride(0); g.xsC = x.stride(1);
   }
   std::vector<int64_t> sizes = conv ? std::vector<int64_t>{g.N, g.O, g.Ho, g.Wo} : std::vector<int64_t>{g.N, g.O};
-  at::Tensor y = empty_output(x, sizes, x.scalar_type());
+  // the memory format follows the caller's x (a float copy of a non-dense half tensor may differ)
+  at::Tensor y = empty_output(x_in, sizes, x.scalar_type());
   if (y.numel() > 0) {
     if (g.K == 0) {
       y.zero_();
@@ -162,7 +163,7 @@ at::Tensor grad_input_impl(const char* op, const at::Tensor& grad_in, const at::
   const bool conv = x.dim() == 4;
   g.xsN = x.stride(0); g.xsC = x.stride(1);
   if (conv) { g.xsH = x.stride(2); g.xsW = x.stride(3); }
-  at::Tensor dx = empty_output(x, x.sizes(), x.scalar_type());
+  at::Tensor dx = empty_output(x_in, x.sizes(), x.scalar_type());
   dx.zero_();
   if (dx.numel() > 0 && g.R() > 0 && g.O > 0) {
     const at::Tensor rows = grad_rows(grad, g, 0);
@@ -180,7 +181,8 @@ at::Tensor grad_input_impl(const char* op, const at::Tensor& grad_in, const at::
 at::Tensor grad_weight_exact(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const Geom& g) {
   at::Tensor dw = at::zeros(w.sizes(), w.options());
   if (dw.numel() == 0 || g.R() == 0) return dw;
-  const at::Tensor rows = grad_rows(grad, g, 64 / (int64_t)x.element_size());  // zero tail >= one vector pair
+  // zero tail: the widest kernel loads two 64-byte vectors of outputs from the last block
+  const at::Tensor rows = grad_rows(grad, g, 2 * 64 / (int64_t)x.element_size());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adder_grad_weight_cpu", [&] {
     kernels<scalar_t>().grad_weight_sign(g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                          rows.const_data_ptr<scalar_t>(), rows.stride(0),

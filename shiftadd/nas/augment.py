@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import functional as SF
 from .net import GeneNet
 from .space import SearchSpace
-from .supernet import KL_WEIGHT, PiecewiseRemap, laplace_kl
+from .supernet import KL_WEIGHT, PiecewiseRemap, apply_op, laplace_kl
 
 WIDTH_MULTS = (2.2, 2.7, 3.2)
 
@@ -56,16 +55,8 @@ class AugLayer(nn.Module):
     def forward_tiny(self, x):
         if self.op == "skip":
             return x
-        w, pad = self.tiny_weight(), self.k // 2
-        if self.op == "conv":
-            y = F.conv2d(x, w, None, self.stride, pad)
-        elif self.op == "shift":
-            y = SF.shift_conv2d(x, w, None, self.stride, pad, mode="q", weight_bits=self.weight_bits)
-        elif self.op == "adder":
-            y = SF.adder_conv2d(x, SF.adaptive_grad_scale(w, self.eta), None, self.stride, pad)
-        else:
-            y = SF.shift_conv2d(x, w, None, self.stride, pad, mode="q", weight_bits=self.weight_bits)
-            y = SF.adder_conv2d(y, SF.adaptive_grad_scale(self.adder_weight, self.eta), None, 1, pad)
+        y = apply_op(self.op, x, self.tiny_weight(), self.stride, self.weight_bits, self.eta,
+                     getattr(self, "adder_weight", None))
         y = F.relu(self.bn(y))
         return y + x if self.residual else y
 
@@ -160,7 +151,7 @@ def train_augmented(space: SearchSpace, gene: dict, splits, epochs: int = 30, ba
     wide=False is the ablation: the same tiny net, parametrisation, remap and optimiser,
     without the wide net's loss (the tiny net "trained directly")."""
     from ..data import make_loaders
-    from ..train import evaluate
+    from ..train import cosine_factor, evaluate
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -171,7 +162,7 @@ def train_augmented(space: SearchSpace, gene: dict, splits, epochs: int = 30, ba
     history = []
     for epoch in range(epochs):
         for g in opt.param_groups:
-            g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
+            g["lr"] = lr * cosine_factor(epoch, epochs)
         loaders.set_epoch(epoch)
         net.train()
         t0, tot, n = time.time(), 0.0, 0

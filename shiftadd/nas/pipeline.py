@@ -174,17 +174,53 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+def space_configs(space: SearchSpace) -> list:
+    """Every (op, LayerConfig) a gene of `space` can contain (stem included), batch 1."""
+    out = set()
+    h = space.image_size
+    out.add(("conv", cost.LayerConfig(space.in_channels, space.stem, 3, 1, h, h)))
+    prev = [space.stem]
+    for slot in space.layer_plan():
+        widths = space.stages[slot.stage].widths
+        ins = prev if slot.first else widths
+        for c_in in ins:
+            for c_out in widths:
+                if not slot.first and c_in != c_out:
+                    continue  # inside a stage the width does not change
+                for op in space.ops:
+                    for k in space.kernels:
+                        c = cost.LayerConfig(c_in, c_out, k, slot.stride, h, h)
+                        if op != "skip" or cost.skip_applies(c):
+                            out.add((op, c))
+        prev = list(widths)
+        h = (h + slot.stride - 1) // slot.stride
+    return sorted(out, key=str)
+
+
 def _latency_table(space, device, enabled: bool):
+    """The latency table of this device with every entry `space` can need measured up
+    front (cached per device and version), so a search never measures while it runs and
+    a resumed search reads the same values."""
     if not enabled:
         return None
-    return cost.profile_latency(ops=tuple(o for o in space.ops), shapes=[], device=device)
+    table = cost.profile_latency(ops=tuple(space.ops), shapes=[], device=device)
+    missing = [(op, c) for op, c in space_configs(space) if (op, c) not in table]
+    for op, c in missing:
+        table.lookup(op, c)  # measures and records
+    if missing and table.path is not None:
+        table.save()
+    return table
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    from ..train import atomic_json
+
+    atomic_json(obj, path)
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 def search_parser() -> argparse.ArgumentParser:
@@ -254,15 +290,17 @@ def retrain_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_arch(path: str, splits) -> tuple:
-    with open(path) as f:
-        d = json.load(f)
+def load_arch(path: str, splits=None) -> tuple:
+    """(space, gene) of a best.json (or any JSON with "gene" and "space"); `splits` (when
+    given) sets the data's channels, classes and image size."""
+    d = _read_json(path)
     gene = d.get("gene", d)
-    if "space" in d and isinstance(d["space"], dict):
+    if isinstance(d.get("space"), dict):
         space = SearchSpace.from_dict(d["space"])
-        space.in_channels, space.num_classes, space.image_size = splits.in_channels, splits.num_classes, splits.image_size
     else:
-        space = space_for(gene.get("space", "digits"), splits)
+        space = get_space(gene.get("space", "digits"))
+    if splits is not None:
+        space.in_channels, space.num_classes, space.image_size = splits.in_channels, splits.num_classes, splits.image_size
     return space, space.validate(gene)
 
 
@@ -339,7 +377,7 @@ def run_rank(a, log=print) -> dict:
     os.makedirs(a.out, exist_ok=True)
     standalone = []
     for i, g in enumerate(genes):
-        r = retrain(space, g, splits, a.standalone_epochs, a.seed, None, costs=costs)
+        r = retrain(space, g, splits, a.standalone_epochs, a.seed, None, device=a.device, costs=costs)
         standalone.append(r["val_acc"])
         log(f"stand-alone {i + 1}/{len(genes)}: val acc {r['val_acc']:.4f}")
     xt, yt = tensors(splits.train)
@@ -370,7 +408,8 @@ def pipeline_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default="digits")
     p.add_argument("--out", default="runs/main")
     p.add_argument("--budget-frac", type=float, default=0.5,
-                   help="energy budget as a fraction of the widest all-conv net's energy (default 0.5)")
+                   help="energy budget as a fraction of the space's most expensive uniform net (the widest "
+                        "all-conv net where conv is in the space; default 0.5)")
     p.add_argument("--epochs", type=int, default=None, help="retraining epochs (default 20; --quick 3)")
     p.add_argument("--random", type=int, default=10, help="budget-matched random baselines")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets everywhere")
@@ -385,21 +424,23 @@ def run_pipeline(a, log=print) -> dict:
     splits = load_data(a.data, a.data_dir, a.upscale)
     space = space_for(a.space, splits)
     costs = GeneCosts(space, _latency_table(space, a.device, True))
-    e_conv = costs(space.uniform("conv"))["energy_uJ"]
-    budget = a.budget_frac * e_conv
+    uniform_ops = [op for op in ("conv", "shift", "adder", "shiftadd") if op in space.ops]
+    ref_op = max(uniform_ops, key=lambda op: costs(space.uniform(op))["energy_uJ"])
+    e_ref = costs(space.uniform(ref_op))["energy_uJ"]
+    budget = a.budget_frac * e_ref
     epochs = a.epochs or (3 if a.quick else 20)
-    log(f"[pipeline] space {space.name}, energy budget {budget:.3f} uJ ({a.budget_frac:.0%} of all-conv "
-        f"{e_conv:.3f} uJ), retraining {epochs} epochs")
+    log(f"[pipeline] space {space.name}, energy budget {budget:.3f} uJ ({a.budget_frac:.0%} of all-{ref_op} "
+        f"{e_ref:.3f} uJ), retraining {epochs} epochs")
 
     sa = argparse.Namespace(space=a.space, strategy=None, share=None, budget=[f"energy_uJ={budget}"],
                             out=os.path.join(a.out, "search"), resume=a.resume, epochs=2 if a.quick else None,
                             generations=2 if a.quick else None, population=10 if a.quick else None, latency=True,
                             data=a.data, data_dir=a.data_dir, upscale=a.upscale, seed=a.seed, device=a.device)
     res = run_search(sa, splits, log=log)
-    search_archive = json.load(open(os.path.join(sa.out, "search.json")))["archive"]
+    search_archive = _read_json(os.path.join(sa.out, "search.json"))["archive"]
 
     cands = [("searched", res["best"]["gene"])]
-    for op in ("conv", "shift", "adder"):
+    for op in uniform_ops:
         cands.append((f"all-{op}", space.uniform(op)))
     rng = random.Random(a.seed + 1)
     seen = {gene_key(g) for _, g in cands}
@@ -414,7 +455,7 @@ def run_pipeline(a, log=print) -> dict:
     results_path = os.path.join(a.out, "retrain.json")
     done = {}
     if a.resume and os.path.exists(results_path):
-        done = {r["name"]: r for r in json.load(open(results_path))}
+        done = {r["name"]: r for r in _read_json(results_path)}
     results = []
     for name, gene in cands:
         if name in done and done[name]["gene"] == gene:
@@ -426,24 +467,28 @@ def run_pipeline(a, log=print) -> dict:
         _write_json(results_path, results)
         log(f"[pipeline] retrained {name}: test acc {r['test_acc']:.4f}, energy {r['energy_uJ']:.3f} uJ, "
             f"latency {r['latency_ms']:.3f} ms ({r['seconds']:.1f} s)")
-    report = write_report(a.out, space, results, search_archive, budget, e_conv, time.time() - t0, a)
+    report = write_report(a.out, space, results, search_archive, budget, e_ref, ref_op, time.time() - t0, a)
     log(f"[pipeline] done in {time.time() - t0:.0f} s -> {report}")
     return {"results": results, "budget_uJ": budget, "seconds": time.time() - t0}
 
 
-def write_report(out: str, space, results: list, archive: list, budget: float, e_conv: float, seconds: float, a) -> str:
+def write_report(out: str, space, results: list, archive: list, budget: float, e_ref: float, ref_op: str,
+                 seconds: float, a) -> str:
     rand = [r["test_acc"] for r in results if r["name"].startswith("random")]
     searched = next(r for r in results if r["name"] == "searched")
+    over = searched["energy_uJ"] > budget * (1 + 1e-9)
     lines = ["# shiftadd pipeline report", "",
              f"shiftadd {__version__}, torch {torch.__version__}, device {a.device}, data {a.data}, space {space.name}, "
              f"seed {a.seed}, {seconds:.0f} s", "",
-             f"Energy budget: {budget:.3f} uJ per inference ({a.budget_frac:.0%} of the widest all-conv net, "
-             f"{e_conv:.3f} uJ; 45 nm fp32 energies, REFERENCE §4).", "",
+             f"Energy budget: {budget:.3f} uJ per inference ({a.budget_frac:.0%} of the widest all-{ref_op} net, "
+             f"{e_ref:.3f} uJ; 45 nm fp32 energies, REFERENCE §4).", "",
              "| candidate | test acc | val acc | energy uJ | latency ms | ops |", "|---|---|---|---|---|---|"]
     for r in results:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(r["ops"].items()))
         lines.append(f"| {r['name']} | {r['test_acc']:.4f} | {r['val_acc']:.4f} | {r['energy_uJ']:.3f} | "
                      f"{r['latency_ms']:.3f} | {ops} |")
+    if over:
+        lines += ["", f"WARNING: the searched net ({searched['energy_uJ']:.3f} uJ) exceeds the budget."]
     if rand:
         mean = statistics.mean(rand)
         sd = statistics.stdev(rand) if len(rand) > 1 else 0.0

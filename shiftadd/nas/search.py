@@ -1,19 +1,25 @@
 """Search strategies over a weight-sharing supernet: ``evo``, ``darts`` and ``random``.
 
-* ``evo`` (ShiftAddNAS): the supernet is trained by uniform single-path sampling (each
-  step one random subnet), then an evolution with ShiftAddNAS's defaults searches it:
-  population 50, the top 10 kept as parents, 25 mutants (each choice redrawn with
-  probability 0.2) and 25 crossovers per generation, 20 generations.  Constraints
+* ``evo`` (ShiftAddNAS, as in the SPOS-style evolution its code follows): the supernet is
+  trained by uniform single-path sampling (each step one random subnet), then evolution
+  searches it: 50 random feasible candidates first; each generation the top 10 of all
+  candidates evaluated so far are the parents, and 25 mutants (each choice redrawn with
+  probability 0.2) plus 25 crossovers form the next 50; 20 generations.  Constraints
   (energy, latency budgets) are applied by rejection; fitness is the search-validation
   accuracy of the subnet with inherited weights after BatchNorm recalibration; every
   feasible candidate enters a Pareto archive of (accuracy, energy, latency).
-* ``darts`` (ShiftNAS-style, first-order): a softmax over each layer's candidate
-  (operator, kernel) pairs mixes all of them; weights (SGD 0.025, cosine, momentum 0.9,
-  wd 3e-4) and architecture logits (Adam 3e-4, betas (0.5, 0.999), wd 1e-3) are updated
-  alternately on the two halves of the training split; the first epochs warm the weights
-  up; the softmax temperature is annealed from 10 to 0.02; a differentiable energy penalty
-  (the expected energy of the mixture, over that of the most expensive choices) is added
-  to the architecture loss.  The result is each layer's most likely candidate.
+* ``darts`` (first-order DARTS on ShiftNAS's shift-only space): a softmax over each
+  layer's candidate (operator, kernel) pairs mixes all of them; weights (SGD 0.025,
+  cosine, momentum 0.9, wd 3e-4) and architecture logits (Adam 3e-4, betas (0.5, 0.999),
+  wd 1e-3) are updated alternately on the two halves of the training split; the first
+  epochs warm the weights up with uniform mixing; after them the softmax temperature is
+  annealed from 10 to 0.02; a differentiable energy penalty (the expected energy of the
+  mixture, over that of the most expensive choices) is added to the architecture loss.
+  The result is each layer's most likely candidate; under a budget, layers are then moved
+  to their next most likely cheaper candidate (largest energy saving first) until the net
+  fits.  Differences from ShiftNAS: the network is a chain (no cell topology to search, so
+  nothing to decouple), widths stay at their maximum, and the shared shift weights are
+  DeepShift-Q (ShiftNAS's separate sign lr and no-decay rule concern PS parameters).
 * ``random``: budget-feasible random subnets scored like ``evo``'s candidates (the
   baseline), after the same supernet training.
 
@@ -24,7 +30,7 @@ search resumed with ``resume=True`` ends exactly where an uninterrupted one does
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import random
 import time
@@ -127,9 +133,9 @@ def score(net: Supernet, gene: dict, data: TensorData, cfg: SearchConfig) -> flo
 
 
 def save_state(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    from ..train import atomic_save
+
+    atomic_save(state, path)
 
 
 def load_state(path: str) -> Optional[dict]:
@@ -218,8 +224,10 @@ class Search:
             self.total_epochs = c.supernet_epochs
 
     def _lr_at(self, epoch: int) -> float:
+        from ..train import cosine_factor
+
         base = self.cfg.darts_w_lr if self.cfg.strategy == "darts" else self.cfg.lr
-        return 0.5 * base * (1 + math.cos(math.pi * epoch / max(1, self.total_epochs)))
+        return base * cosine_factor(epoch, self.total_epochs)
 
     def feasible(self, gene: dict) -> Optional[dict]:
         """The gene's costs when it meets the budget, else None."""
@@ -275,6 +283,14 @@ class Search:
         self.phase = "evo" if self.cfg.strategy == "evo" else "random"
         self.save()
 
+    def _parents(self) -> list:
+        """The best `parents` feasible candidates evaluated so far."""
+        feasible = [a for a in self.archive if self._fits(a)]
+        return [a["gene"] for a in sorted(feasible, key=lambda a: -a["acc"])[:self.cfg.parents]]
+
+    def _fits(self, entry: dict) -> bool:
+        return all(entry[k] <= v for k, v in self.cfg.budget.items())
+
     def evolve(self):
         c = self.cfg
         if not self.population:
@@ -283,18 +299,19 @@ class Search:
                 raise RuntimeError(f"no architecture of the space meets the budget {c.budget}")
         while self.generation < c.generations:
             t0 = time.time()
-            ranked = sorted(self.population, key=lambda g: -self.evaluate(g))
-            parents = ranked[:c.parents]
+            for g in self.population:
+                self.evaluate(g)
+            parents = self._parents()
             mutants = self.sample_feasible(c.mutants, lambda: self.space.mutate(self.rng.choice(parents), self.rng,
                                                                                  c.mutate_prob))
             crosses = self.sample_feasible(c.crossovers, lambda: self.space.crossover(
                 self.rng.choice(parents), self.rng.choice(parents), self.rng))
-            self.population = parents + mutants + crosses
+            self.population = mutants + crosses
             self.generation += 1
-            best = parents[0]
-            self.history.append({"phase": "evo", "generation": self.generation, "best_acc": self.evaluated[gene_key(best)],
+            best = self.evaluated[gene_key(parents[0])]
+            self.history.append({"phase": "evo", "generation": self.generation, "best_acc": best,
                                  "seconds": time.time() - t0})
-            self.log(f"generation {self.generation}/{c.generations}: best val acc {self.evaluated[gene_key(best)]:.4f}, "
+            self.log(f"generation {self.generation}/{c.generations}: best val acc {best:.4f}, "
                      f"{len(self.evaluated)} evaluated ({time.time() - t0:.1f} s)")
             self.save()
         for g in self.population:
@@ -324,8 +341,10 @@ class Search:
         self.alpha_opt = torch.optim.Adam(self.alphas, lr=c.darts_a_lr, betas=(0.5, 0.999), weight_decay=c.darts_a_wd)
 
     def _temperature(self) -> float:
+        """temp_start during warm-up, then annealed geometrically to temp_end at the last epoch."""
         c = self.cfg
-        frac = min(1.0, self.epoch / max(1, c.darts_epochs - 1))
+        span = max(1, c.darts_epochs - 1 - c.darts_warmup)
+        frac = min(1.0, max(0, self.epoch - c.darts_warmup) / span)
         return c.temp_start * (c.temp_end / c.temp_start) ** frac
 
     def _mixed_forward(self, x, probs):
@@ -382,7 +401,7 @@ class Search:
             self.log(f"darts epoch {self.epoch}/{c.darts_epochs} T={temp:.3g} loss {tot:.2f} "
                      f"-> {[l['op'] + str(l['k']) for l in derived['layers']]} ({time.time() - t0:.1f} s)")
             self.save()
-        self.evaluate(self.derive())
+        self.evaluate(self.fit_budget(self.derive()))
         self.phase = "done"
         self.save()
 
@@ -392,6 +411,32 @@ class Search:
         gene = self.space.uniform(base_op, k=k, widths=self.space.max_widths())
         gene["layers"][index] = {"op": op, "k": k}
         return self.costs(gene)["layers_uJ"][index]
+
+    def fit_budget(self, gene: dict) -> dict:
+        """Moves layers to cheaper candidates, most likely first and largest saving first,
+        until `gene` meets the budget (the DARTS result under a constraint)."""
+        if self.feasible(gene) is not None:
+            return gene
+        probs = [F.softmax(a.detach(), 0) for a in self.alphas]
+        gene = json.loads(json.dumps(gene))
+        while self.feasible(gene) is None:
+            cur = self.costs(gene)["layers_uJ"]
+            best = None
+            for i, (cl, p) in enumerate(zip(self.cand_lists, probs)):
+                for j in p.argsort(descending=True).tolist():
+                    op, k = cl[j]
+                    e = self._layer_energy(i, op, k)
+                    if e < cur[i] - 1e-12:
+                        saving = cur[i] - e
+                        if best is None or saving > best[0]:
+                            best = (saving, i, op, k)
+                        break
+            if best is None:
+                raise RuntimeError(f"no architecture derived from the DARTS logits meets the budget {self.cfg.budget}")
+            _, i, op, k = best
+            gene["layers"][i] = {"op": op, "k": k}
+        self.log(f"derived architecture moved under the budget: {[l['op'] + str(l['k']) for l in gene['layers']]}")
+        return gene
 
     def derive(self) -> dict:
         widths = self.space.max_widths()
@@ -403,8 +448,21 @@ class Search:
 
     # ---- driver -------------------------------------------------------------------------
 
+    def check_budget(self) -> None:
+        """Fails fast, before any training, when no sampled architecture meets the budget."""
+        if not self.cfg.budget:
+            return
+        probe = random.Random(self.cfg.seed + 7)
+        tries = [self.space.sample(probe) for _ in range(200)]
+        tries += [self.space.uniform(op, k) for op in self.space.ops for k in self.space.kernels]
+        if not any(self.feasible(g) is not None for g in tries):
+            lowest = min(self.costs(g)["energy_uJ"] for g in tries)
+            raise RuntimeError(f"no architecture of space {self.space.name!r} meets the budget {self.cfg.budget} "
+                               f"(lowest energy found: {lowest:.4f} uJ)")
+
     def run(self, resume: bool = False) -> dict:
         self._make_optimizers()
+        self.check_budget()
         if not (resume and self.resume()):
             self.save()
         if self.cfg.strategy == "darts":
@@ -420,9 +478,9 @@ class Search:
         return self.result()
 
     def result(self) -> dict:
-        feasible = [a for a in self.archive if all(a[k] <= v for k, v in self.cfg.budget.items())]
-        if self.cfg.strategy == "darts":
-            best = self.archive[-1] if self.archive else None
+        feasible = [a for a in self.archive if self._fits(a)]
+        if self.cfg.strategy == "darts":  # the derived architecture (moved under the budget)
+            best = self.archive[-1] if self.archive and self._fits(self.archive[-1]) else None
         else:
             best = max(feasible, key=lambda a: a["acc"]) if feasible else None
         return {"best": best, "pareto": pareto_front(feasible), "evaluated": len(self.evaluated),

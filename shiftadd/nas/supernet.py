@@ -118,6 +118,23 @@ def _bn(x: torch.Tensor, bn: nn.BatchNorm2d, c: int) -> torch.Tensor:
                         factor, bn.eps)
 
 
+def apply_op(op: str, x: torch.Tensor, w: torch.Tensor, stride: int, weight_bits: int, eta: Optional[float],
+             adder_w: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The convolution of one searchable operator with 'same' padding (no BN): conv; shift
+    (DeepShift-Q of w); adder; shiftadd (shift with w, then an adder conv with adder_w)."""
+    pad = w.shape[-1] // 2
+    if op == "conv":
+        return F.conv2d(x, w, None, stride, pad)
+    if op in ("shift", "shiftadd"):
+        y = SF.shift_conv2d(x, w, None, stride, pad, mode="q", weight_bits=weight_bits)
+        if op == "shift":
+            return y
+        return SF.adder_conv2d(y, SF.adaptive_grad_scale(adder_w, eta), None, 1, adder_w.shape[-1] // 2)
+    if op == "adder":
+        return SF.adder_conv2d(x, SF.adaptive_grad_scale(w, eta), None, stride, pad)
+    raise ValueError(f"unknown operator {op!r}")
+
+
 class MixedLayer(nn.Module):
     """One searchable layer: every candidate operator of the slot, sharing weights."""
 
@@ -170,20 +187,8 @@ class MixedLayer(nn.Module):
         if op == "skip":
             return x
         c_in = x.shape[1]
-        w = self.view(op, c_out, c_in, k)
-        pad = k // 2
-        if op == "conv":
-            y = F.conv2d(x, w, None, self.stride, pad)
-        elif op == "shift":
-            y = SF.shift_conv2d(x, w, None, self.stride, pad, mode="q", weight_bits=self.weight_bits)
-        elif op == "adder":
-            y = SF.adder_conv2d(x, SF.adaptive_grad_scale(w, self.eta), None, self.stride, pad)
-        elif op == "shiftadd":
-            y = SF.shift_conv2d(x, w, None, self.stride, pad, mode="q", weight_bits=self.weight_bits)
-            wa = _crop(self.shiftadd_adder[:c_out, :c_out], k)
-            y = SF.adder_conv2d(y, SF.adaptive_grad_scale(wa, self.eta), None, 1, pad)
-        else:
-            raise ValueError(f"unknown operator {op!r}")
+        wa = _crop(self.shiftadd_adder[:c_out, :c_out], k) if op == "shiftadd" else None
+        y = apply_op(op, x, self.view(op, c_out, c_in, k), self.stride, self.weight_bits, self.eta, wa)
         y = F.relu(_bn(y, self.bns[op], c_out))
         if self.stride == 1 and c_in == c_out:
             y = y + x

@@ -1,4 +1,4 @@
-from .adder import AdderConv2d, AdderLinear
+from .adder import AdderConv2d, AdderLinear, renormalize_eta_grads
 from .shift import ShiftConv2d, ShiftLinear
 from .shiftadd import ShiftAddConv2d
-__all__ = ["AdderConv2d", "AdderLinear", "ShiftConv2d", "ShiftLinear", "ShiftAddConv2d"]
+__all__ = ["AdderConv2d", "AdderLinear", "renormalize_eta_grads", "ShiftConv2d", "ShiftLinear", "ShiftAddConv2d"]

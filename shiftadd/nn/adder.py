@@ -7,6 +7,7 @@ BatchNorm after each adder layer: the outputs are all <= 0 and scale with the fa
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -20,6 +21,23 @@ def _check_eta(eta):
     if eta is not None and not (isinstance(eta, (int, float)) and eta > 0):
         raise ValueError(f"eta must be a positive number or None, got {eta!r}")
     return None if eta is None else float(eta)
+
+
+@torch.no_grad()
+def renormalize_eta_grads(model: nn.Module) -> None:
+    """Re-applies AdderNet's gradient scaling to every adder layer's weight gradient:
+    ``g <- eta * sqrt(numel) * g / ||g||``.
+
+    The scaling inside autograd makes the gradient's size independent of the loss's, so
+    a loss scaler (torch.amp.GradScaler) that unscales afterwards would shrink it by the
+    scale; call this after ``scaler.unscale_(optimizer)`` and before ``scaler.step``.
+    Non-finite gradients are left as they are (the scaler skips that step)."""
+    for m in model.modules():
+        if isinstance(m, (AdderConv2d, AdderLinear)) and m.eta is not None and m.weight.grad is not None:
+            g = m.weight.grad
+            norm = torch.linalg.vector_norm(g)
+            if torch.isfinite(norm):
+                g.mul_(m.eta * math.sqrt(g.numel()) / norm.clamp_min(1e-12))
 
 
 class AdderConv2d(ConvArgs, nn.Module):
