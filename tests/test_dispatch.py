@@ -105,3 +105,23 @@ def test_bench_quick_runs_and_prints_the_table():
     assert "unfold (AdderNet)" in r.stdout and "torch.cdist" in r.stdout
     if HAS_C:
         assert "| forward | cpu |" in r.stdout
+
+
+def test_cuda_backend_needs_registered_kernels(monkeypatch):
+    """A CUDA build whose kernels did not register must not be chosen (or claimed usable)."""
+    monkeypatch.setattr(_dispatch, "_C", type("FakeC", (), {"with_cuda": True})())
+    monkeypatch.setattr(_dispatch.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_dispatch, "_KERNELS", {})
+    monkeypatch.setattr(_dispatch.torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda name, key: False)
+    reason = _dispatch.why_not("cuda", "adder_conv2d", torch.device("cuda"), torch.float32)
+    assert reason == "the cuda backend has no kernel for adder_conv2d"
+
+
+def test_gpu_backends_are_chosen_only_once_validated(monkeypatch):
+    monkeypatch.setattr(_dispatch, "why_not", lambda name, fam, dev, dt: None)
+    x = torch.empty(1, device="meta")
+    monkeypatch.setattr(_dispatch, "AUTO_ORDER", {"meta": ("cuda", "triton", "reference")})
+    monkeypatch.setattr(_dispatch, "GPU_VALIDATED", frozenset())
+    assert _dispatch.select("adder_linear", x) == "reference"
+    monkeypatch.setattr(_dispatch, "GPU_VALIDATED", frozenset({"triton"}))
+    assert _dispatch.select("adder_linear", x) == "triton"
