@@ -2,7 +2,8 @@
 
 Follows DeepShift's ``convert_to_shift`` (layers are taken from the last one backwards,
 ``depth`` of them, optionally initialised from the trained weights) and AdderNet's
-recipe (the first convolution and the classifier stay multiplicative by default).
+recipe (the first convolution and the classifier stay multiplicative by default; DeepShift
+converts those too: pass ``skip_first=False, skip_last=False``).
 """
 
 from __future__ import annotations

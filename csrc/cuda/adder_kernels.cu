@@ -249,9 +249,11 @@ __global__ void adder_prep_wt(const DevGeom g, const T* __restrict__ w, long lon
   }
 }
 
-// wt2[gi][tap][o][c] = w[gi Og + o][c][tap] as float, for the grad input.
+// wt2[gi][tap][o][c] = w[gi Og + o][c][tap] as float, for the grad input; *wbad = 1 if
+// some weight is NaN or infinite (the caller zeroes *wbad first).
 template <typename T>
-__global__ void adder_prep_wt2(const DevGeom g, const T* __restrict__ w, float* __restrict__ wt2) {
+__global__ void adder_prep_wt2(const DevGeom g, const T* __restrict__ w, float* __restrict__ wt2,
+                               int* __restrict__ wbad) {
   const int total = g.O * g.K;
   for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
     const int cl = idx % g.Cg;
@@ -259,7 +261,9 @@ __global__ void adder_prep_wt2(const DevGeom g, const T* __restrict__ w, float* 
     const int o = rest % g.Og;
     rest /= g.Og;
     const int tap = rest % g.khw, gi = rest / g.khw;
-    wt2[idx] = to_f(w[((long long)(gi * g.Og + o) * g.Cg + cl) * g.khw + tap]);
+    const float v = to_f(w[((long long)(gi * g.Og + o) * g.Cg + cl) * g.khw + tap]);
+    wt2[idx] = v;
+    if ((__float_as_uint(v) & 0x7f800000u) == 0x7f800000u) *wbad = 1;
   }
 }
 
@@ -480,12 +484,16 @@ __device__ __forceinline__ TapHit tap_hit(const DevGeom& g, int n, int iy, int i
 
 // dX tile: input positions [p0, p0 + BM) x channels [c0, c0 + BN) of group gi, summed
 // over the stages (tap, o-chunk of 8).  Each thread keeps its 8 x 4 x values in registers.
-// A stage row whose tap misses the position is flagged in Vf and skipped, so that a NaN
-// x or weight never meets a term that is not in the definition.
+// A row whose tap misses its position gets g = 0 in the stage; 0 * f(w - x) is an exact
+// zero unless f is NaN, which needs a NaN or infinite x or weight (sign is never NaN).
+// So a block whose x values are finite, with finite weights (flag *wbad == 0, set by
+// the weight packing), runs unmasked; otherwise the stage rows flagged invalid in Vf are
+// skipped term by term, so that a NaN never meets a term that is not in the definition.
 template <typename T, bool EXACT, class Cfg>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, 1)
     adder_gin_tiled(const DevGeom g, const float* __restrict__ gt, const T* __restrict__ x,
-                    const float* __restrict__ wt2, T* __restrict__ dx, const Strides4 dxs) {
+                    const float* __restrict__ wt2, const int* __restrict__ wbad, T* __restrict__ dx,
+                    const Strides4 dxs) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, TN = Cfg::TN, BK = kBK;
   constexpr int AE = BM * BK / kThreads;
   constexpr int BE = BN * BK / kThreads;
@@ -503,6 +511,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int nOc = (g.Og + BK - 1) / BK;
   const int nT = g.khw * nOc;
   const int nCt = (g.Cg + BN - 1) / BN;
+  const bool w_finite = EXACT || *wbad == 0;
 
   // A loader: one position a_m, o offsets a_k .. a_k + AE - 1
   const int a_m = tid % BM, a_k = (tid / BM) * AE;
@@ -516,6 +525,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int yz = blockIdx.y; yz < g.G * nCt; yz += gridDim.y) {
     const int gi = yz / nCt, c0 = (yz - gi * nCt) * BN;
     float xr[8][TN], acc[8][TN];
+    bool x_finite = true;
 #pragma unroll
     for (int i = 0; i < 8; i++) {
       const int p = p0 + (i < 4 ? ty * 4 + i : BM / 2 + ty * 4 + (i - 4));
@@ -526,85 +536,93 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int j = 0; j < TN; j++) {
         const int cl = c0 + tx * 4 + j;
         xr[i][j] = (p < g.P && cl < g.Cg) ? to_f(x[off + (long long)(gi * g.Cg + cl) * g.xsC]) : 0.f;
+        x_finite = x_finite && (__float_as_uint(xr[i][j]) & 0x7f800000u) != 0x7f800000u;
         acc[i][j] = 0.f;
       }
     }
+    const bool fast = __syncthreads_and((x_finite && w_finite) ? 1 : 0) != 0;
 
-    int ld_tap = 0, ld_oc = 0;  // next stage to load
-    TapHit hit{false, 0};
-    // loads the next stage into buffer buf; returns whether this thread's row exists in
-    // it (tap hits the position, or the position is past the end and never written)
-    auto load = [&](int buf) -> bool {
-      if (ld_oc == 0) {
-        hit = tap_hit(g, lpos.n, lpos.oy, lpos.ox, ld_tap);
-        hit.ok = hit.ok && lrow;
-      }
-      const int ob = ld_oc * BK;
-      const float* ga = gt + (long long)(gi * g.Og + ob + a_k) * g.R + hit.rr;
+    // the stage pipeline; masked: skip the terms of the rows flagged invalid
+    auto run = [&](auto masked) {
+      int ld_tap = 0, ld_oc = 0;  // next stage to load
+      TapHit hit{false, 0};
+      auto load = [&](int buf) {
+        if (ld_oc == 0) {
+          hit = tap_hit(g, lpos.n, lpos.oy, lpos.ox, ld_tap);
+          hit.ok = hit.ok && lrow;
+        }
+        const int ob = ld_oc * BK;
+        const float* ga = gt + (long long)(gi * g.Og + ob + a_k) * g.R + hit.rr;
 #pragma unroll
-      for (int q = 0; q < AE; q++) {
-        const bool ok = hit.ok && ob + a_k + q < g.Og;
-        cp_async_f32(&As[buf][a_k + q][a_m], ok ? ga + (long long)q * g.R : gt, ok);
-      }
-      if (tid < BM) Vf[buf][a_m] = hit.ok ? 1 : 0;
+        for (int q = 0; q < AE; q++) {
+          const bool ok = hit.ok && ob + a_k + q < g.Og;
+          cp_async_f32(&As[buf][a_k + q][a_m], ok ? ga + (long long)q * g.R : gt, ok);
+        }
+        if (decltype(masked)::value && tid < BM) Vf[buf][a_m] = hit.ok ? 1 : 0;
 #pragma unroll
-      for (int q = 0; q < BE; q++) {
-        const int kk = b_k + q, o = ob + kk, cl = c0 + b_n;
-        const bool ok = o < g.Og && cl < g.Cg;
-        cp_async_f32(&Bs[buf][kk][b_n],
-                     ok ? wt2 + (((long long)(gi * g.khw + ld_tap) * g.Og + o) * g.Cg + cl) : wt2, ok);
-      }
-      if (++ld_oc == nOc) {
-        ld_oc = 0;
-        ld_tap++;
-      }
-      return hit.ok || !lrow;
-    };
-    // masked: skip the rows flagged invalid (needed only when some row of the stage is)
-    auto compute = [&](int buf, auto masked) {
-      const unsigned v0 = *reinterpret_cast<const unsigned*>(&Vf[buf][ty * 4]);
-      const unsigned v1 = *reinterpret_cast<const unsigned*>(&Vf[buf][BM / 2 + ty * 4]);
+        for (int q = 0; q < BE; q++) {
+          const int kk = b_k + q, o = ob + kk, cl = c0 + b_n;
+          const bool ok = o < g.Og && cl < g.Cg;
+          cp_async_f32(&Bs[buf][kk][b_n],
+                       ok ? wt2 + (((long long)(gi * g.khw + ld_tap) * g.Og + o) * g.Cg + cl) : wt2, ok);
+        }
+        if (++ld_oc == nOc) {
+          ld_oc = 0;
+          ld_tap++;
+        }
+      };
+      auto compute = [&](int buf) {
+        unsigned v0 = 0, v1 = 0;
+        if constexpr (decltype(masked)::value) {
+          v0 = *reinterpret_cast<const unsigned*>(&Vf[buf][ty * 4]);
+          v1 = *reinterpret_cast<const unsigned*>(&Vf[buf][BM / 2 + ty * 4]);
+        }
+#pragma unroll 2
+        for (int kk = 0; kk < BK; kk++) {
+          float a[8], b[TN];
+          const float4 a0 = *reinterpret_cast<const float4*>(&As[buf][kk][ty * 4]);
+          const float4 a1 = *reinterpret_cast<const float4*>(&As[buf][kk][BM / 2 + ty * 4]);
+          a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w;
+          a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
+          const float4 b0 = *reinterpret_cast<const float4*>(&Bs[buf][kk][tx * 4]);
+          b[0] = b0.x; b[1] = b0.y; b[2] = b0.z; b[3] = b0.w;
 #pragma unroll
-      for (int kk = 0; kk < BK; kk++) {
-        float a[8], b[TN];
-        const float4 a0 = *reinterpret_cast<const float4*>(&As[buf][kk][ty * 4]);
-        const float4 a1 = *reinterpret_cast<const float4*>(&As[buf][kk][BM / 2 + ty * 4]);
-        a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w;
-        a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
-        const float4 b0 = *reinterpret_cast<const float4*>(&Bs[buf][kk][tx * 4]);
-        b[0] = b0.x; b[1] = b0.y; b[2] = b0.z; b[3] = b0.w;
+          for (int i = 0; i < 8; i++) {
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-          const bool valid = (((i < 4) ? v0 : v1) >> (8 * (i & 3))) & 1u;
-#pragma unroll
-          for (int j = 0; j < TN; j++) {
-            const float f = EXACT ? sign_cmp(b[j], xr[i][j]) : hardtanh(b[j] - xr[i][j]);
-            const float v = fmaf(a[i], f, acc[i][j]);
-            if constexpr (decltype(masked)::value) {
-              acc[i][j] = valid ? v : acc[i][j];  // terms of taps that miss the position do not exist
-            } else {
-              acc[i][j] = v;
+            for (int j = 0; j < TN; j++) {
+              const float f = EXACT ? sign_cmp(b[j], xr[i][j]) : hardtanh(b[j] - xr[i][j]);
+              const float v = fmaf(a[i], f, acc[i][j]);
+              if constexpr (decltype(masked)::value) {
+                const bool valid = (((i < 4) ? v0 : v1) >> (8 * (i & 3))) & 1u;
+                acc[i][j] = valid ? v : acc[i][j];
+              } else {
+                acc[i][j] = v;
+              }
             }
           }
         }
+      };
+
+      load(0);
+      cp_async_commit();
+      for (int t = 0; t < nT; t++) {
+        const int buf = t & 1;
+        if (t + 1 < nT) load(buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // stage t complete and visible
+        compute(buf);
+        __syncthreads();  // stage t consumed
       }
     };
-
-    bool cur_ok = load(0), next_ok = true;
-    cp_async_commit();
-    for (int t = 0; t < nT; t++) {
-      const int buf = t & 1;
-      if (t + 1 < nT) next_ok = load(buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-      // stage t visible; is every row of it valid (the common case: no masking needed)?
-      if (__syncthreads_and(cur_ok ? 1 : 0)) {
-        compute(buf, BoolC<false>());
+    if constexpr (EXACT) {
+      run(BoolC<false>());  // sign is never NaN: 0 * sign is always an exact zero
+    } else {
+      if (fast) {
+        run(BoolC<false>());
       } else {
-        compute(buf, BoolC<true>());
+        run(BoolC<true>());
       }
-      __syncthreads();
-      cur_ok = next_ok;
     }
 
 #pragma unroll
@@ -676,7 +694,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int k0 = blockIdx.x * BN;
   const int s = blockIdx.z;
   const int rs0 = s * rps;
-  const int rs1 = min(g.R, rs0 + rps);
+  const int rs1 = (long long)rs0 + rps < g.R ? rs0 + rps : g.R;
   const int nT = rs1 > rs0 ? (rs1 - rs0 + BR - 1) / BR : 0;
   const int nOt = (g.Og + BM - 1) / BM;
   if (tid < BN) Ks[tid] = ktab[k0 + tid];
@@ -864,7 +882,8 @@ cudaError_t dispatch_dtype(DType dt, F&& f) {
 // The batch-small linear case runs transposed: Y^T = adder(W, X) (|a - b| is
 // symmetric), so the many output features fill the rows of the tile.
 bool swap_linear(const ConvGeom& g) {
-  return g.G == 1 && g.H == 1 && g.W == 1 && g.kh == 1 && g.kw == 1 && g.N <= 32 && g.O >= 4 * g.N && g.N > 0;
+  return g.G == 1 && g.H == 1 && g.W == 1 && g.kh == 1 && g.kw == 1 && g.ph == 0 && g.pw == 0 && g.N > 0 &&
+         g.N <= 32 && g.O >= 4 * g.N && g.N * g.K <= kI32;
 }
 ConvGeom swapped(const ConvGeom& g, int64_t* xs_w) {
   // rows: the O weight rows (contiguous, row stride K); columns: the N rows of x
@@ -979,7 +998,7 @@ GwSplit gw_split(const ConvGeom& g) {
 
 const char* adder_check_sizes(const ConvGeom& g) {
   const int64_t lim = kI32;
-  if (g.N < 0 || g.C < 0 || g.H < 1 || g.W < 1 || g.O < 0 || g.kh < 1 || g.kw < 1 || g.G < 1 || g.Ho < 1 ||
+  if (g.N < 0 || g.C < 0 || g.H < 0 || g.W < 0 || g.O < 0 || g.kh < 1 || g.kw < 1 || g.G < 1 || g.Ho < 1 ||
       g.Wo < 1 || g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1 || g.ph < 0 || g.pw < 0 || g.xsN < 0 || g.xsC < 0 ||
       g.xsH < 0 || g.xsW < 0)
     return "invalid geometry (negative size, stride or padding)";
@@ -994,12 +1013,15 @@ const char* adder_check_sizes(const ConvGeom& g) {
   if (!mul_le(g.N, g.H * g.W, lim)) return "the number of input positions N*H*W is 2^31 or more";
   if (!mul_le(g.Cg, g.kh * g.kw, lim)) return "the reduction length C/groups*kh*kw is 2^31 or more";
   if (!mul_le(g.O, g.Cg * g.kh * g.kw, lim)) return "the weight has 2^31 elements or more";
-  // one image of x: every in-image offset is a 32-bit int
-  const int64_t span = (g.C > 0 ? (g.C - 1) : 0) * g.xsC + (g.H - 1) * g.xsH + (g.W - 1) * g.xsW;
-  if (g.C > 0 && ((g.C - 1) > 0 && g.xsC > lim / (g.C - 1))) return "one image of x spans 2^31 elements or more";
-  if ((g.H - 1) > 0 && g.xsH > lim / (g.H - 1)) return "one image of x spans 2^31 elements or more";
-  if ((g.W - 1) > 0 && g.xsW > lim / (g.W - 1)) return "one image of x spans 2^31 elements or more";
-  if (span < 0 || span > lim) return "one image of x spans 2^31 elements or more";
+  // one image of x: every in-image offset is a 32-bit int (an empty x reads nothing)
+  if (g.C > 0 && g.H > 0 && g.W > 0) {
+    const char* span_msg = "one image of x spans 2^31 elements or more (its C, H, W strides)";
+    if (g.C > 1 && g.xsC > lim / (g.C - 1)) return span_msg;
+    if (g.H > 1 && g.xsH > lim / (g.H - 1)) return span_msg;
+    if (g.W > 1 && g.xsW > lim / (g.W - 1)) return span_msg;
+    const int64_t span = (g.C - 1) * g.xsC + (g.H - 1) * g.xsH + (g.W - 1) * g.xsW;
+    if (span > lim) return span_msg;
+  }
   return nullptr;
 }
 
@@ -1026,7 +1048,7 @@ cudaError_t adder_forward(const ConvGeom& g, DType dt, const void* x, const void
 
 size_t adder_grad_input_workspace(const ConvGeom& g, Algo algo) {
   (void)algo;
-  return align_up((size_t)(g.O * g.K) * sizeof(float));
+  return align_up((size_t)(g.O * g.K) * sizeof(float)) + align_up(sizeof(int));
 }
 
 cudaError_t adder_grad_input(const ConvGeom& cg, DType dt, bool exact, const float* gt, const void* x, const void* w,
@@ -1038,15 +1060,18 @@ cudaError_t adder_grad_input(const ConvGeom& cg, DType dt, bool exact, const flo
   if (workspace == nullptr || workspace_bytes < adder_grad_input_workspace(cg, algo)) return cudaErrorInvalidValue;
   const DevGeom g = make_dev_geom(cg);
   float* wt2 = static_cast<float*>(workspace);
+  int* wbad = reinterpret_cast<int*>(static_cast<char*>(workspace) + align_up((size_t)(cg.O * cg.K) * sizeof(float)));
   const Strides4 st = make_strides(dxs);
   const GinKernel gk = gin_kernel(cg, algo);
+  cudaError_t err = cudaMemsetAsync(wbad, 0, sizeof(int), stream);
+  if (err != cudaSuccess) return err;
   return dispatch_dtype(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x);
     T* dxp = static_cast<T*>(dx);
     {
       auto kern = adder_prep_wt2<T>;
-      SA_LAUNCH(kern, dim3(ew_blocks(cg.O * cg.K)), dim3(kThreads), stream, g, static_cast<const T*>(w), wt2);
+      SA_LAUNCH(kern, dim3(ew_blocks(cg.O * cg.K)), dim3(kThreads), stream, g, static_cast<const T*>(w), wt2, wbad);
     }
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
@@ -1058,12 +1083,12 @@ cudaError_t adder_grad_input(const ConvGeom& cg, DType dt, bool exact, const flo
       auto kern = exact ? adder_gin_tiled<T, true, GinWide> : adder_gin_tiled<T, false, GinWide>;
       const dim3 grid(grid_cap(ceil_div(g.P, GinWide::BM), kI32),
                       grid_cap((int64_t)g.G * ceil_div(g.Cg, GinWide::BN), kMaxGridY));
-      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, dxp, st);
+      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, (const int*)wbad, dxp, st);
     } else {
       auto kern = exact ? adder_gin_tiled<T, true, GinNarrow> : adder_gin_tiled<T, false, GinNarrow>;
       const dim3 grid(grid_cap(ceil_div(g.P, GinNarrow::BM), kI32),
                       grid_cap((int64_t)g.G * ceil_div(g.Cg, GinNarrow::BN), kMaxGridY));
-      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, dxp, st);
+      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, (const int*)wbad, dxp, st);
     }
     return cudaGetLastError();
   });

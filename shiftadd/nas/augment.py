@@ -13,6 +13,10 @@ BatchNorms are separate per net and per wide width.  AdderNet's eta scaling is o
 the shared weights (see :mod:`shiftadd.nas.supernet`).  :meth:`AugNet.extract` returns the
 tiny net alone (a :class:`~shiftadd.nas.net.GeneNet`, shift layers in DeepShift-Q mode),
 computing exactly what the tiny path computes.
+
+ShiftAddAug's search is two-stage (TinyNAS-like); here the ``shiftaddaug`` preset finds
+the tiny net with the ordinary evolutionary search and augmentation applies to its
+retraining (``shiftadd retrain --augment``).
 """
 
 from __future__ import annotations

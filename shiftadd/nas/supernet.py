@@ -52,7 +52,10 @@ class PiecewiseRemap(nn.Module):
         raw(w)   = sum_{j<b} s_j * width + s_b * (w - left_b),  b = bin of w
         remap(w) = raw(w) - raw(0)
     Every weight falls in a bin, the maximum included (ShiftAddNAS's strict `<` dropped
-    it from the last bin).
+    it from the last bin).  This continuous, zero-anchored form and the change-of-variables
+    KL (:func:`laplace_kl`) are this package's reading of ShiftAddNAS's description; its
+    released code may scale each bin's weights in place (w * s_b), which is discontinuous
+    at the bin edges.
     """
 
     LOG_SCALE_BOUND = 3.0  # scales stay in [e^-3, e^3]: an unbounded exp parametrisation diverges under SGD

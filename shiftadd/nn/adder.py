@@ -46,11 +46,13 @@ class AdderConv2d(ConvArgs, nn.Module):
     Args as :class:`torch.nn.Conv2d` (bias defaults to False, as AdderNet), plus
     ``eta`` (adaptive gradient scale, 0.2 as AdderNet; None turns it off) and
     ``grad_mode`` ("addernet": full-precision weight grad and HardTanh input grad;
-    "exact": sign).  Input (N, C, H, W) or (C, H, W); output (N, O, Ho, Wo).
+    "exact": sign).  Everything after ``bias`` is keyword-only (nn.Conv2d's positional
+    padding_mode would otherwise land on eta).  Input (N, C, H, W) or (C, H, W); output
+    (N, O, Ho, Wo).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, eta: Optional[float] = 0.2, grad_mode: str = "addernet",
+                 groups: int = 1, bias: bool = False, *, eta: Optional[float] = 0.2, grad_mode: str = "addernet",
                  padding_mode: str = "zeros", device=None, dtype=None):
         super().__init__()
         self._init_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
@@ -82,7 +84,7 @@ class AdderLinear(nn.Module):
     ``grad_mode`` as :class:`AdderConv2d`.  Input (*, in_features); output (*, out_features).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, eta: Optional[float] = 0.2,
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, eta: Optional[float] = 0.2,
                  grad_mode: str = "addernet", device=None, dtype=None):
         super().__init__()
         SF._check_grad_mode(grad_mode)

@@ -100,7 +100,7 @@ class ShiftLinear(_ShiftBase):
     """Shift linear layer.  Args as :class:`torch.nn.Linear` plus ``mode``, ``weight_bits``
     (5: 1 sign + 4 shift bits), ``act_bits`` and ``rounding``.  Input (*, in_features)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "ps",
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, mode: str = "ps",
                  weight_bits: int = 5, act_bits=None, rounding: str = "deterministic", device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -127,7 +127,7 @@ class ShiftConv2d(ConvArgs, _ShiftBase):
     ``weight_bits``, ``act_bits`` and ``rounding``.  Input (N, C, H, W) or (C, H, W)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", mode: str = "ps",
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, mode: str = "ps",
                  weight_bits: int = 5, act_bits=None, rounding: str = "deterministic", device=None, dtype=None):
         super().__init__()
         self._init_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)

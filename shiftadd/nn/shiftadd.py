@@ -22,7 +22,7 @@ class ShiftAddConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", shift_mode: str = "ps",
+                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *, shift_mode: str = "ps",
                  weight_bits: int = 5, act_bits=None, rounding: str = "deterministic", eta: Optional[float] = 0.2,
                  grad_mode: str = "addernet", device=None, dtype=None):
         super().__init__()

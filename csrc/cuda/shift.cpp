@@ -1,0 +1,127 @@
+// CUDA implementations of the shiftadd power-of-two quantizers (schemas: shiftadd/_ops.py):
+// the torch glue around csrc/cuda/shift_kernels.cu.  Compiled only in CUDA builds.
+//
+// Same functions, checks and results (bit for bit) as csrc/cpu/shift.cpp:
+//   quantize_pot_q(w, b, noise)      sign(w) * 2^round(log2 clamp(|w|, 2^-(2^(b-1)-1), 1))
+//   quantize_pot_ps(P, S, b, noise)  sign(round(S)) * 2^round(clamp(P, -(2^(b-1)-2), 0))
+//   round_to_fixed(x, i, f)          clamp(floor(x 2^f) 2^-f, -2^(i-1), 2^(i-1) - 1)
+// All four floating dtypes; outputs are contiguous, of the input's shape and dtype.
+
+#include <cstdint>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/kernels.h"
+#include "shiftadd.h"
+
+namespace shiftadd {
+namespace cuda_glue {
+namespace {
+
+namespace k = ::shiftadd::cuda;
+
+void check_device(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the cuda backend, got ", t.device());
+}
+
+k::DType float_dtype(const char* op, const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return k::DType::Float32;
+    case at::kDouble: return k::DType::Float64;
+    case at::kHalf: return k::DType::Float16;
+    case at::kBFloat16: return k::DType::BFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": ", name, " must be floating point, got ", t.scalar_type());
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+void check_noise(const char* op, const at::Tensor& ref, const c10::optional<at::Tensor>& noise) {
+  if (!noise.has_value()) return;
+  TORCH_CHECK(noise->sizes() == ref.sizes(), op, ": noise must have the shape of the weight ", ref.sizes(), ", got ",
+              noise->sizes());
+  TORCH_CHECK(noise->scalar_type() == ref.scalar_type(), op, ": noise dtype ", noise->scalar_type(),
+              " does not match ", ref.scalar_type());
+  TORCH_CHECK(noise->device() == ref.device(), op, ": noise is on ", noise->device(), ", weight on ", ref.device());
+}
+
+void check_bits(const char* op, int64_t weight_bits) {
+  TORCH_CHECK(weight_bits >= 2 && weight_bits <= 8, op, ": weight_bits must be in [2, 8], got ", weight_bits);
+}
+
+}  // namespace
+
+at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c10::optional<at::Tensor>& noise) {
+  const char* op = "shiftadd::quantize_pot_q";
+  check_bits(op, weight_bits);
+  TORCH_CHECK(weight.is_floating_point(), op, ": weight must be floating point, got ", weight.scalar_type());
+  check_device(op, weight, "weight");
+  check_noise(op, weight, noise);
+  const k::DType dt = float_dtype(op, weight, "weight");
+  c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor u = noise.has_value() ? noise->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  check_launch(op, k::quantize_pot_q(dt, w.const_data_ptr(), u.defined() ? u.const_data_ptr() : nullptr,
+                                     out.mutable_data_ptr(), out.numel(), static_cast<int>(weight_bits),
+                                     c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+at::Tensor quantize_pot_ps(const at::Tensor& shift, const at::Tensor& sign, int64_t weight_bits,
+                           const c10::optional<at::Tensor>& noise) {
+  const char* op = "shiftadd::quantize_pot_ps";
+  check_bits(op, weight_bits);
+  TORCH_CHECK(shift.is_floating_point(), op, ": shift must be floating point, got ", shift.scalar_type());
+  TORCH_CHECK(sign.scalar_type() == shift.scalar_type(), op, ": sign dtype ", sign.scalar_type(),
+              " does not match shift dtype ", shift.scalar_type());
+  TORCH_CHECK(sign.sizes() == shift.sizes(), op, ": sign shape ", sign.sizes(), " does not match shift shape ",
+              shift.sizes());
+  TORCH_CHECK(sign.device() == shift.device(), op, ": sign is on ", sign.device(), ", shift on ", shift.device());
+  check_device(op, shift, "shift");
+  check_noise(op, shift, noise);
+  const k::DType dt = float_dtype(op, shift, "shift");
+  c10::cuda::CUDAGuard guard(shift.device());
+  const at::Tensor P = shift.contiguous(), S = sign.contiguous();
+  const at::Tensor u = noise.has_value() ? noise->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(shift.sizes(), shift.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  check_launch(op, k::quantize_pot_ps(dt, P.const_data_ptr(), S.const_data_ptr(),
+                                      u.defined() ? u.const_data_ptr() : nullptr, out.mutable_data_ptr(), out.numel(),
+                                      static_cast<int>(weight_bits), c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+at::Tensor round_to_fixed(const at::Tensor& x, int64_t int_bits, int64_t frac_bits) {
+  const char* op = "shiftadd::round_to_fixed";
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(int_bits >= 1 && int_bits <= 64, op, ": int_bits must be in [1, 64], got ", int_bits);
+  TORCH_CHECK(frac_bits >= 0 && frac_bits <= 64, op, ": frac_bits must be in [0, 64], got ", frac_bits);
+  check_device(op, x, "x");
+  const k::DType dt = float_dtype(op, x, "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  check_launch(op, k::round_to_fixed(dt, xc.const_data_ptr(), out.mutable_data_ptr(), out.numel(),
+                                     static_cast<int>(int_bits), static_cast<int>(frac_bits),
+                                     c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(shiftadd, CUDA, m) {
+  m.impl("quantize_pot_q", &quantize_pot_q);
+  m.impl("quantize_pot_ps", &quantize_pot_ps);
+  m.impl("round_to_fixed", &round_to_fixed);
+}
+
+}  // namespace cuda_glue
+}  // namespace shiftadd
