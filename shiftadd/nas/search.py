@@ -453,12 +453,13 @@ class Search:
         if not self.cfg.budget:
             return
         probe = random.Random(self.cfg.seed + 7)
-        tries = [self.space.sample(probe) for _ in range(200)]
-        tries += [self.space.uniform(op, k) for op in self.space.ops for k in self.space.kernels]
-        if not any(self.feasible(g) is not None for g in tries):
-            lowest = min(self.costs(g)["energy_uJ"] for g in tries)
-            raise RuntimeError(f"no architecture of space {self.space.name!r} meets the budget {self.cfg.budget} "
-                               f"(lowest energy found: {lowest:.4f} uJ)")
+        tries = [self.space.uniform(op, k) for op in self.space.ops for k in self.space.kernels]
+        tries += [self.space.sample(probe) for _ in range(200)]
+        if any(self.feasible(g) is not None for g in tries):  # stops at the first that fits
+            return
+        lowest = min(self.costs(g)["energy_uJ"] for g in tries)
+        raise RuntimeError(f"no architecture of space {self.space.name!r} meets the budget {self.cfg.budget} "
+                           f"(lowest energy found: {lowest:.4f} uJ)")
 
     def run(self, resume: bool = False) -> dict:
         self._make_optimizers()
