@@ -40,3 +40,26 @@ def test_layer_train_step(benchmark, layer, impl):
         f, params = (lambda: shift(x, w, **pad, **kw)), ((x, w, s) if mode == "ps" else (x, w))
     g = torch.randn_like(f())
     benchmark(cuda_synced(lambda: torch.autograd.grad(f(), params, g)))
+
+
+P_BACKENDS = [b for b in ("cuda", "triton", "cpu")
+              if _dispatch.why_not(b, "shift_linear_packed", DEVICE, torch.float32) is None]
+
+
+@pytest.mark.parametrize("impl", ["dense"] + P_BACKENDS)
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("shape", [c[0] for c in C["packed"]], ids=str)
+def test_packed_linear(benchmark, shape, batch, impl):
+    from shiftadd import pack_pot
+
+    p, s = torch.rand(shape, device=DEVICE) * -7, torch.rand(shape, device=DEVICE) * 2 - 1
+    w = _ops.op("reference", "quantize_pot_ps")(p, s, 4, None)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    x = torch.randn((batch, shape[1]), device=DEVICE, dtype=dtype)
+    if impl == "dense":
+        wd = w.to(dtype)
+        benchmark(cuda_synced(lambda: F.linear(x, wd)))
+        return
+    pk = pack_pot(w, 4)
+    op = _ops.op(impl, "shift_linear_packed")
+    benchmark(cuda_synced(lambda: op(x, pk.codes, pk.scales, pk.zero_codes, pk.bits, *shape, None)))

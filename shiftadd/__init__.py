@@ -25,14 +25,19 @@ from .functional import (
     round_to_fixed,
     shift_conv2d,
     shift_linear,
+    shift_linear_int,
+    shift_linear_packed,
 )
+from .packed import PackedPoT, pack_pot, unpack_pot
 
 _dispatch.warn_once_if_degraded()
 
 from . import nn  # noqa: E402
 from .convert import convert  # noqa: E402
+from .nn.packed import pack_model  # noqa: E402
 
 __all__ = [
     "adder_linear", "adder_conv2d", "shift_linear", "shift_conv2d", "quantize_pot", "round_to_fixed",
     "use_backend", "explain", "BackendUnavailable", "convert", "nn", "__version__",
+    "pack_pot", "unpack_pot", "PackedPoT", "pack_model", "shift_linear_packed", "shift_linear_int",
 ]

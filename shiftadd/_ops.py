@@ -25,6 +25,10 @@ Adder families (x, weight and grad_out share one floating dtype; output has x's 
 
 Quantizer families (elementwise, contiguous output of the input's shape and dtype):
 ``quantize_pot_q``, ``quantize_pot_ps``, ``round_to_fixed``.
+
+Packed power-of-two families (inference only; layout in shiftadd/packed.py; backends
+"cpu" and "reference"): ``shift_linear_packed`` x (N, K) float -> (N, O) x's dtype;
+``shift_linear_int`` x_int (N, K) signed integer -> (N, O) int64, bit-exact shifts.
 """
 
 from __future__ import annotations
@@ -56,13 +60,19 @@ QUANT_SCHEMAS = {
     "round_to_fixed": "(Tensor x, int int_bits, int frac_bits) -> Tensor",
 }
 
-SCHEMAS = {**ADDER_SCHEMAS, **QUANT_SCHEMAS}
+_PACKED_ARGS = "Tensor codes, Tensor scales, Tensor zero_codes, int bits, int out_features, int in_features"
+PACKED_SCHEMAS = {
+    "shift_linear_packed": f"(Tensor x, {_PACKED_ARGS}, Tensor? bias) -> Tensor",
+    "shift_linear_int": f"(Tensor x_int, {_PACKED_ARGS}) -> Tensor",
+}
+
+SCHEMAS = {**ADDER_SCHEMAS, **QUANT_SCHEMAS, **PACKED_SCHEMAS}
 
 # Which families each backend implements.  A backend that lacks a family is skipped by
 # the dispatcher with that reason.
 FAMILIES = {
     "cpu": tuple(SCHEMAS),
-    "cuda": tuple(SCHEMAS),
+    "cuda": tuple(f for f in SCHEMAS if f not in PACKED_SCHEMAS),
     "triton": tuple(ADDER_SCHEMAS),
     "reference": tuple(SCHEMAS),
 }
@@ -164,6 +174,30 @@ def _fake_round_to_fixed(x, int_bits, frac_bits):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _fake_shift_linear_packed(x, codes, scales, zero_codes, bits, out_features, in_features, bias):
+    from .reference.shift import check_packed
+
+    check_packed("shift_linear_packed", codes, scales, zero_codes, bits, out_features, in_features)
+    torch._check(x.dtype.is_floating_point, lambda: f"shift_linear_packed: x must be floating point, got {x.dtype}")
+    torch._check(x.dim() == 2 and x.shape[1] == in_features,
+                 lambda: f"shift_linear_packed: x must be (N, {in_features}), got {tuple(x.shape)}")
+    if bias is not None:
+        torch._check(bias.dtype == x.dtype and bias.dim() == 1 and bias.shape[0] == out_features,
+                     lambda: f"shift_linear_packed: bias must be {x.dtype} ({out_features},)")
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _fake_shift_linear_int(x_int, codes, scales, zero_codes, bits, out_features, in_features):
+    from .reference.shift import _INT_DTYPES, check_packed
+
+    check_packed("shift_linear_int", codes, scales, zero_codes, bits, out_features, in_features)
+    torch._check(x_int.dtype in _INT_DTYPES, lambda: f"shift_linear_int: x_int must be a signed integer tensor, "
+                                                     f"got {x_int.dtype}")
+    torch._check(x_int.dim() == 2 and x_int.shape[1] == in_features,
+                 lambda: f"shift_linear_int: x_int must be (N, {in_features}), got {tuple(x_int.shape)}")
+    return x_int.new_empty((x_int.shape[0], out_features), dtype=torch.int64)
+
+
 _FAKES = {name: globals()[f"_fake_{name}"] for name in SCHEMAS}
 
 
@@ -196,6 +230,15 @@ def _no_double_backward(name: str):
     def backward(ctx, grad):
         raise RuntimeError(f"shiftadd::{name}: double backward (create_graph=True through an adder gradient) "
                            "is not supported")
+
+    return backward
+
+
+def _inference_only(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"shiftadd::{name} is inference-only: a packed weight has no gradient (and neither has "
+                           "its input through it); train the unpacked ShiftLinear / ShiftConv2d and pack() it "
+                           "afterwards")
 
     return backward
 
@@ -236,6 +279,8 @@ def _finish_registration(backend: str, family: str) -> None:
         torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], setup_context=_save_output, lib=LIB)
     elif family in _QUANT_BACKWARD:  # straight-through: nothing to save
         torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], lib=LIB)
+    elif family in PACKED_SCHEMAS:
+        torch.library.register_autograd(qualname, _inference_only(family), lib=LIB)
     else:
         torch.library.register_autograd(qualname, _no_double_backward(family), lib=LIB)
 

@@ -9,6 +9,8 @@ Shift (DeepShift) layers: a power-of-two weight, then an ordinary matmul/conv (t
 weight is exact in any float dtype):
 
 * :func:`quantize_pot`, :func:`round_to_fixed`, :func:`shift_linear`, :func:`shift_conv2d`
+* :func:`shift_linear_packed`, :func:`shift_linear_int`: inference with a packed weight
+  (:func:`shiftadd.pack_pot`), in floating point or exactly in integers
 
 dtypes: float16, bfloat16, float32, float64 (x, weight and bias alike; float16/bfloat16
 accumulate in float32).  Under autocast the adder ops run in float32 (autocast's policy
@@ -25,7 +27,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import _dispatch
+from . import _dispatch, _ops
 from .reference.adder import GRAD_MODES
 
 SHIFT_MODES = ("q", "ps", "pot")
@@ -319,3 +321,57 @@ class _EtaScale(torch.autograd.Function):
     def backward(ctx, g):
         scale = ctx.eta * math.sqrt(g.numel()) / torch.linalg.vector_norm(g).clamp_min(1e-12)
         return g * scale, None
+
+
+# --------------------------------------------------------------------------------------
+# packed shift weights (inference; layout: shiftadd/packed.py)
+# --------------------------------------------------------------------------------------
+
+
+def _packed_operands(name: str, x: torch.Tensor, packed):
+    from .packed import PackedPoT
+
+    if not isinstance(packed, PackedPoT):
+        raise TypeError(f"{name}: packed must be a shiftadd.PackedPoT (from shiftadd.pack_pot), got "
+                        f"{type(packed).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != packed.in_features:
+        raise ValueError(f"{name}: x must be (..., {packed.in_features}), got shape {tuple(x.shape)}")
+    if x.device != packed.device:
+        raise RuntimeError(f"{name}: x is on {x.device} but the packed weight on {packed.device}")
+    lead = x.shape[:-1]
+    return x.reshape(math.prod(lead), x.shape[-1]), lead
+
+
+def shift_linear_packed(x: torch.Tensor, packed, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Linear layer with a packed power-of-two weight (:func:`shiftadd.pack_pot`):
+    ``x W^T + bias`` without materialising W.  x (*, K) floating, bias (O,) -> (*, O),
+    x's dtype (float16/bfloat16 computed in float32).  Inference only."""
+    _check_tensor("x", x)
+    x2, lead = _packed_operands("shift_linear_packed", x, packed)
+    _check_bias(bias, packed.out_features, x)
+    y = _dispatch.get_op("shift_linear_packed", x2)(x2, packed.codes, packed.scales, packed.zero_codes, packed.bits,
+                                                    packed.out_features, packed.in_features, bias)
+    return y.reshape(*lead, packed.out_features)
+
+
+def shift_linear_int(x_int: torch.Tensor, packed) -> torch.Tensor:
+    """Exact integer shift layer, what a shift accelerator computes (REFERENCE §2).
+
+    x_int (*, K) signed integers, e.g. fixed-point activations ``floor(x * 2^f)``;
+    returns int64 (*, O) with ``y[o] = sum_k sign[o,k] * (x_int[k] >> s[o,k])``, where the
+    weight is ``sign * 2^-s`` (s = code magnitude - channel scale): ``>>`` is the
+    arithmetic (floor) shift, zero weights are skipped, a negative s (a weight above 1:
+    channel scale > 0) is a left shift by -s, and sums wrap modulo 2^64 as an int64
+    accumulator does.  ``y_int * 2^-f`` approximates ``x W^T``.
+    """
+    if not isinstance(x_int, torch.Tensor) or x_int.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
+        raise TypeError(f"x_int must be a signed integer tensor (int8/16/32/64), got "
+                        f"{x_int.dtype if isinstance(x_int, torch.Tensor) else type(x_int).__name__}")
+    x2, lead = _packed_operands("shift_linear_int", x_int, packed)
+    # the backend is chosen by device (the dtype table lists float dtypes only)
+    backend = _dispatch.select("shift_linear_int", torch.empty((), device=x2.device))
+    y = _ops.op(backend, "shift_linear_int")(x2, packed.codes, packed.scales, packed.zero_codes, packed.bits,
+                                             packed.out_features, packed.in_features)
+    return y.reshape(*lead, packed.out_features)

@@ -4,7 +4,10 @@
   read plus written);
 * a shift layer's training step (quantize + matmul/conv, forward and backward) against
   the same layer with a float weight (F.linear / F.conv2d): ``/ mult`` is the time ratio.
-The packed-weight inference kernels come with the shift-kernels issue.
+* packed-weight inference (``shift_linear_packed``, 4-bit codes) at small batches against
+  the dense float32 F.linear with the decoded weight (bfloat16 on CUDA, as cuBLAS would
+  run it): ms, GB/s of weight bytes read, and ``dense / this`` (> 1: faster than dense);
+  on the CPU also the exact integer mode (``shift_linear_int``).
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from .timing import environment, markdown_table, measure
 
 CASES = {
     "cpu": {"weights": [(1024, 1024), (256, 256, 3, 3)],
-            "layers": [("linear", (256, 1024), (1024, 1024)), ("conv", (32, 64, 16, 16), (64, 64, 3, 3))]},
+            "layers": [("linear", (256, 1024), (1024, 1024)), ("conv", (32, 64, 16, 16), (64, 64, 3, 3))],
+            "packed": [((8192, 8192), (1, 4, 16)), ((11008, 4096), (1, 16))]},
     "cuda": {"weights": [(8192, 8192), (4096, 11008), (256, 256, 3, 3)],
-             "layers": [("linear", (4096, 4096), (4096, 4096)), ("conv", (128, 64, 32, 32), (64, 64, 3, 3))]},
+             "layers": [("linear", (4096, 4096), (4096, 4096)), ("conv", (128, 64, 32, 32), (64, 64, 3, 3))],
+             "packed": [((8192, 8192), (1, 4, 16)), ((11008, 4096), (1, 4, 16))]},
 }
-QUICK = {"weights": [(256, 256)], "layers": [("linear", (64, 256), (256, 256)), ("conv", (8, 16, 16, 16), (16, 16, 3, 3))]}
+QUICK = {"weights": [(256, 256)], "layers": [("linear", (64, 256), (256, 256)), ("conv", (8, 16, 16, 16), (16, 16, 3, 3))],
+         "packed": [((512, 384), (1, 5))]}
 
 
 def quantizer_rows(shape, device, min_time, include_reference=True):
@@ -67,7 +73,42 @@ def layer_rows(kind, xs, ws, device, min_time):
     return rows
 
 
-COLUMNS = ["case", "pass", "impl", "ms", "GB/s", "/ mult"]
+def packed_rows(shape, batches, device, min_time, include_reference=True):
+    """Packed 4-bit PS weights (weight_bits 4) against the dense layer with the decoded weight."""
+    from ..packed import pack_pot
+
+    torch.manual_seed(0)
+    o, k = shape
+    p, s = torch.rand(shape, device=device) * -7, torch.rand(shape, device=device) * 2 - 1
+    w = _ops.op("reference", "quantize_pot_ps")(p, s, 4, None)
+    packed = pack_pot(w, 4)
+    args = (packed.codes, packed.scales, packed.zero_codes, packed.bits, o, k)
+    dense_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    wd = w.to(dense_dtype)
+    rows = []
+    for n in batches:
+        x = torch.randn((n, k), device=device, dtype=dense_dtype)
+        case = f"packed {o}x{k} 4-bit"
+        t_dense = measure(lambda: F.linear(x, wd), device, min_time=min_time)
+        rows.append({"case": case, "batch": n, "pass": "forward", "impl": f"dense F.linear {str(dense_dtype)[6:]}",
+                     "ms": t_dense * 1e3, "GB/s": wd.numel() * wd.element_size() / t_dense / 1e9})
+        for b in ("cuda", "triton", "cpu") + (("reference",) if include_reference else ()):
+            if _dispatch.why_not(b, "shift_linear_packed", device, x.dtype) is not None:
+                continue
+            op = _ops.op(b, "shift_linear_packed")
+            t = measure(lambda: op(x, *args, None), device, min_time=min_time)
+            rows.append({"case": case, "batch": n, "pass": "forward", "impl": f"packed ({b})", "ms": t * 1e3,
+                         "GB/s": packed.nbytes / t / 1e9, "dense / this": t_dense / t})
+        if device.type == "cpu" and _dispatch.why_not("cpu", "shift_linear_int", device, torch.float32) is None:
+            xi = torch.randint(-2 ** 15, 2 ** 15, (n, k), dtype=torch.int32)
+            op = _ops.op("cpu", "shift_linear_int")
+            t = measure(lambda: op(xi, *args), device, min_time=min_time)
+            rows.append({"case": case, "batch": n, "pass": "forward", "impl": "integer shifts (cpu)",
+                         "ms": t * 1e3, "GB/s": packed.nbytes / t / 1e9, "dense / this": t_dense / t})
+    return rows
+
+
+COLUMNS = ["case", "batch", "pass", "impl", "ms", "GB/s", "/ mult", "dense / this"]
 
 
 def main(argv=None) -> int:
@@ -89,6 +130,8 @@ def main(argv=None) -> int:
         rows += quantizer_rows(shape, device, min_time, include_reference=not a.no_reference)
     for kind, xs, ws in cases["layers"]:
         rows += layer_rows(kind, xs, ws, device, min_time)
+    for shape, batches in cases["packed"]:
+        rows += packed_rows(shape, batches, device, min_time, include_reference=not a.no_reference)
     print(markdown_table(rows, COLUMNS))
     return 0
 

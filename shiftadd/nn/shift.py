@@ -87,6 +87,15 @@ class _ShiftBase(nn.Module):
         self.shift.copy_(torch.round(torch.log2(a)).clamp(lo, hi))
         self.sign.copy_(torch.sign(weight))
 
+    def pack(self, code_bits=None):
+        """The packed inference version of this layer (weight: 4, 8 or 16 bits per value,
+        :func:`shiftadd.pack_pot`), computing this layer's eval-mode outputs.
+        code_bits None picks the narrowest lossless width."""
+        from . import packed
+
+        cls = packed.PackedShiftLinear if isinstance(self, ShiftLinear) else packed.PackedShiftConv2d
+        return cls.from_shift(self, code_bits)
+
     def _shift_repr(self) -> str:
         s = f", mode={self.mode}, weight_bits={self.weight_bits}"
         if self.act_bits is not None:

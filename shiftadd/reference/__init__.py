@@ -13,10 +13,19 @@ from .adder import (
     adder_linear_grad_input,
     adder_linear_grad_weight,
 )
-from .shift import quantize_pot_ps, quantize_pot_q, round_to_fixed, shift_range
+from .shift import (
+    decode_pot,
+    quantize_pot_ps,
+    quantize_pot_q,
+    round_to_fixed,
+    shift_linear_int,
+    shift_linear_packed,
+    shift_range,
+)
 
 __all__ = [
     "adder_linear", "adder_linear_grad_input", "adder_linear_grad_weight",
     "adder_conv2d", "adder_conv2d_grad_input", "adder_conv2d_grad_weight",
     "quantize_pot_q", "quantize_pot_ps", "round_to_fixed", "shift_range",
+    "shift_linear_packed", "shift_linear_int", "decode_pot",
 ]

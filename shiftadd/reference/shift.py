@@ -74,3 +74,121 @@ def round_to_fixed(x: torch.Tensor, int_bits: int = 16, frac_bits: int = 16) -> 
     v = torch.ldexp(v, torch.tensor(-frac_bits, dtype=acc, device=x.device))
     bound = 2.0 ** (int_bits - 1)
     return v.clamp(-bound, bound - 1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Packed power-of-two weights (the layout is documented in shiftadd/packed.py)
+# --------------------------------------------------------------------------------------
+
+CODE_BITS = (4, 8, 16)
+_CHUNK = 1 << 22  # elements per temporary
+
+
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    """Bytes per output channel of a packed weight: ceil(K/2), K or 2K for 4, 8, 16-bit codes."""
+    return (in_features + 1) // 2 if bits == 4 else in_features * (bits // 8)
+
+
+def check_packed(name: str, codes, scales, zero_codes, bits: int, out_features: int, in_features: int) -> None:
+    """The packed-weight arguments every packed op shares (torch._check: also in fake mode)."""
+    torch._check(bits in CODE_BITS, lambda: f"{name}: bits must be 4, 8 or 16, got {bits}")
+    torch._check(out_features >= 0 and in_features >= 0,
+                 lambda: f"{name}: out_features and in_features must be >= 0, got {out_features}, {in_features}")
+    torch._check(codes.dtype == torch.uint8, lambda: f"{name}: codes must be uint8, got {codes.dtype}")
+    torch._check(scales.dtype == torch.int32, lambda: f"{name}: scales must be int32, got {scales.dtype}")
+    torch._check(zero_codes.dtype == torch.int32, lambda: f"{name}: zero_codes must be int32, got {zero_codes.dtype}")
+    rb = packed_row_bytes(in_features, bits)
+    torch._check(codes.dim() == 2 and codes.shape[0] == out_features and codes.shape[1] == rb,
+                 lambda: f"{name}: codes must have shape ({out_features}, {rb}) for {out_features}x{in_features} "
+                         f"{bits}-bit codes, got {tuple(codes.shape)}")
+    for what, t in (("scales", scales), ("zero_codes", zero_codes)):
+        torch._check(t.dim() == 1 and t.shape[0] == out_features,
+                     lambda: f"{name}: {what} must have shape ({out_features},), got {tuple(t.shape)}")
+        torch._check(t.device == codes.device, lambda: f"{name}: {what} is on {t.device}, codes on {codes.device}")
+
+
+def unpack_codes(codes: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Packed bytes (O, row_bytes) -> the codes (O, K) as int64 (4-bit: low nibble first;
+    16-bit: little-endian byte pairs)."""
+    c = codes.to(torch.int64)
+    if bits == 8:
+        return c
+    if bits == 4:
+        return torch.stack((c & 15, c >> 4), dim=-1).reshape(c.shape[0], -1)[:, :in_features]
+    return c[:, 0::2] | (c[:, 1::2] << 8)
+
+
+def _code_values(codes_k: torch.Tensor, scales: torch.Tensor, zero_codes: torch.Tensor, bits: int, dtype):
+    """Codes (rows, K) int64 -> weights (rows, K) in dtype: 0 where code == zero_code, else
+    (-1)^sign * 2^(scale - magnitude), computed exactly in float64 and rounded once to dtype
+    (exp2 of an integer is exact; below float64's range it is 0)."""
+    half = 1 << (bits - 1)
+    e = scales.to(torch.int64)[:, None] - (codes_k & (half - 1))
+    mag = torch.exp2(e.clamp(-1100, 1100).to(torch.float64))
+    v = torch.where(codes_k >= half, -mag, mag).to(dtype)
+    return v.masked_fill(codes_k == zero_codes.to(torch.int64)[:, None], 0)
+
+
+def decode_pot(codes: torch.Tensor, scales: torch.Tensor, zero_codes: torch.Tensor, bits: int, out_features: int,
+               in_features: int, dtype: torch.dtype = torch.float32, rows=None) -> torch.Tensor:
+    """The dense (O, K) weight of a packed one, in `dtype` (rows: a slice of output channels)."""
+    check_packed("decode_pot", codes, scales, zero_codes, bits, out_features, in_features)
+    if rows is not None:
+        codes, scales, zero_codes = codes[rows], scales[rows], zero_codes[rows]
+    c = unpack_codes(codes, bits, in_features)
+    return _code_values(c, scales, zero_codes, bits, dtype)
+
+
+def _row_chunks(out_features: int, per_row: int):
+    step = max(1, _CHUNK // max(per_row, 1))
+    for o0 in range(0, out_features, step):
+        yield slice(o0, min(out_features, o0 + step))
+
+
+def shift_linear_packed(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero_codes: torch.Tensor,
+                        bits: int, out_features: int, in_features: int, bias=None) -> torch.Tensor:
+    """x (N, K) @ decoded(codes)^T + bias -> (N, O), x's dtype.  Computed in float32
+    (float64 for float64 x), the weight decoded a slice of output channels at a time."""
+    check_packed("shift_linear_packed", codes, scales, zero_codes, bits, out_features, in_features)
+    torch._check(x.dtype.is_floating_point and x.dim() == 2 and x.shape[1] == in_features,
+                 lambda: f"shift_linear_packed: x must be a floating (N, {in_features}) tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    if bias is not None:
+        torch._check(bias.dtype == x.dtype and tuple(bias.shape) == (out_features,),
+                     lambda: f"shift_linear_packed: bias must be {x.dtype} ({out_features},), got {bias.dtype} "
+                             f"{tuple(bias.shape)}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.to(acc)
+    y = x.new_empty((x.shape[0], out_features), dtype=acc)
+    for sl in _row_chunks(out_features, in_features):
+        w = decode_pot(codes, scales, zero_codes, bits, out_features, in_features, acc, rows=sl)
+        y[:, sl] = torch.nn.functional.linear(xa, w, None if bias is None else bias[sl].to(acc))
+    return y.to(x.dtype)
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def shift_linear_int(x_int: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero_codes: torch.Tensor,
+                     bits: int, out_features: int, in_features: int) -> torch.Tensor:
+    """What a shift accelerator computes, exactly: y[n, o] = sum_k sign[o, k] * (x[n, k] >> s[o, k])
+    in int64, s = magnitude - scale (the weight is sign * 2^-s); s < 0 is a left shift
+    by -s (wrapping modulo 2^64 like the int64 accumulator), >> is arithmetic (floor),
+    zero weights are skipped.  x_int (N, K) int8/16/32/64 -> (N, O) int64."""
+    check_packed("shift_linear_int", codes, scales, zero_codes, bits, out_features, in_features)
+    torch._check(x_int.dtype in _INT_DTYPES and x_int.dim() == 2 and x_int.shape[1] == in_features,
+                 lambda: f"shift_linear_int: x_int must be a signed integer (N, {in_features}) tensor, got "
+                         f"{x_int.dtype} {tuple(x_int.shape)}")
+    n = x_int.shape[0]
+    x = x_int.to(torch.int64)
+    y = torch.zeros((n, out_features), dtype=torch.int64, device=x.device)
+    half = 1 << (bits - 1)
+    for sl in _row_chunks(out_features, in_features * max(n, 1)):
+        c = unpack_codes(codes[sl], bits, in_features)
+        s = (c & (half - 1)) - scales[sl].to(torch.int64)[:, None]  # (o, K) right-shift amounts
+        sign = torch.where(c >= half, -1, 1).masked_fill(c == zero_codes[sl].to(torch.int64)[:, None], 0)
+        xs = x[:, None, :]
+        right = xs >> s.clamp(0, 63)
+        left = (xs << (-s).clamp(0, 63)).masked_fill(s <= -64, 0)
+        y[:, sl] = (torch.where(s >= 0, right, left) * sign).sum(-1)
+    return y
