@@ -221,7 +221,8 @@ __device__ __forceinline__ int column_k(const DevGeom& g, int t, int cl_order) {
 // ktab[t] = {offset of column t inside one image of x, dy << 16 | dx} (dy, dx < 2^15 by
 // adder_check_sizes); zeros for K <= t < nk (the loaders also check t < K).
 __global__ void adder_prep_ktab(const DevGeom g, int2* __restrict__ ktab, int nk, int cl_order) {
-  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < nk; t += gridDim.x * blockDim.x) {
+  for (long long t_ = blockIdx.x * blockDim.x + threadIdx.x; t_ < nk; t_ += gridDim.x * blockDim.x) {
+    const int t = static_cast<int>(t_);  // 64-bit loop counter: no overflow near 2^31
     int2 e = make_int2(0, 0);
     if (t < g.K) {
       const int k = column_k(g, t, cl_order);
@@ -242,7 +243,8 @@ template <typename T>
 __global__ void adder_prep_wt(const DevGeom g, const T* __restrict__ w, long long wsO, long long wsK, int cl_order,
                               float* __restrict__ wt) {
   const int total = g.G * g.K * g.Og;
-  for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+  for (long long idx_ = blockIdx.x * blockDim.x + threadIdx.x; idx_ < total; idx_ += gridDim.x * blockDim.x) {
+    const int idx = static_cast<int>(idx_);  // 64-bit loop counter: no overflow near 2^31
     const int o = idx % g.Og, rest = idx / g.Og;
     const int t = rest % g.K, gi = rest / g.K;
     wt[idx] = to_f(w[(long long)(gi * g.Og + o) * wsO + (long long)column_k(g, t, cl_order) * wsK]);
@@ -255,7 +257,8 @@ template <typename T>
 __global__ void adder_prep_wt2(const DevGeom g, const T* __restrict__ w, float* __restrict__ wt2,
                                int* __restrict__ wbad) {
   const int total = g.O * g.K;
-  for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+  for (long long idx_ = blockIdx.x * blockDim.x + threadIdx.x; idx_ < total; idx_ += gridDim.x * blockDim.x) {
+    const int idx = static_cast<int>(idx_);  // 64-bit loop counter: no overflow near 2^31
     const int cl = idx % g.Cg;
     int rest = idx / g.Cg;
     const int o = rest % g.Og;
@@ -329,7 +332,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // compute: rows ty*4 + {0..3} and BM/2 + ty*4 + {0..3}; columns tx*4 + {0..3} (+ BN/2)
   const int tx = tid % TX, ty = tid / TX;
 
-  for (int yz = blockIdx.y; yz < g.G * nOt; yz += gridDim.y) {
+  for (long long yz_ = blockIdx.y; yz_ < g.G * nOt; yz_ += gridDim.y) {
+    const int yz = static_cast<int>(yz_);  // 64-bit loop counter: no overflow near 2^31
     const int gi = yz / nOt, o0 = (yz - gi * nOt) * BN;
     const T* xg = x + (long long)gi * g.Cg * g.xsC;
     const float* wg = wt + (long long)gi * g.K * g.Og;
@@ -349,7 +353,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int4 rw = Rows[mm];
         const bool ok = t * BK + kk < g.K && (unsigned)(rw.z + tab_dy(e)) < (unsigned)g.H &&
                         (unsigned)(rw.w + tab_dx(e)) < (unsigned)g.W;
-        const long long base = (static_cast<long long>(rw.y) << 32) | static_cast<unsigned>(rw.x);
+        const unsigned long long hi = static_cast<unsigned>(rw.y), lo = static_cast<unsigned>(rw.x);
+        const long long base = static_cast<long long>((hi << 32) | lo);
         const T* src = ok ? xg + (base + e.x) : xg;
         if constexpr (kAsync) {
           cp_async_f32(&As[buf][kk][mm], reinterpret_cast<const float*>(src), ok);
@@ -432,10 +437,12 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     adder_fwd_direct(const DevGeom g, const T* __restrict__ x, const int2* __restrict__ ktab,
                      const float* __restrict__ wt, T* __restrict__ y, const Strides4 ys) {
-  for (int gi = blockIdx.y; gi < g.G; gi += gridDim.y) {
+  for (long long gi_ = blockIdx.y; gi_ < g.G; gi_ += gridDim.y) {
+    const int gi = static_cast<int>(gi_);  // 64-bit loop counter: no overflow near 2^31
     const T* xg = x + (long long)gi * g.Cg * g.xsC;
     const float* wg = wt + (long long)gi * g.K * g.Og;
-    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < g.R; r += gridDim.x * blockDim.x) {
+    for (long long r_ = blockIdx.x * blockDim.x + threadIdx.x; r_ < g.R; r_ += gridDim.x * blockDim.x) {
+      const int r = static_cast<int>(r_);  // 64-bit loop counter: no overflow near 2^31
       const RowPos p = decode_row(g, r);
       const int iy0 = p.oy * g.sh - g.ph, ix0 = p.ox * g.sw - g.pw;
       const long long base = p.n * g.xsN + iy0 * g.xsH + ix0 * g.xsW;
@@ -522,7 +529,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int b_n = tid % BN, b_k = (tid / BN) * BE;
   const int tx = tid % TX, ty = tid / TX;
 
-  for (int yz = blockIdx.y; yz < g.G * nCt; yz += gridDim.y) {
+  for (long long yz_ = blockIdx.y; yz_ < g.G * nCt; yz_ += gridDim.y) {
+    const int yz = static_cast<int>(yz_);  // 64-bit loop counter: no overflow near 2^31
     const int gi = yz / nCt, c0 = (yz - gi * nCt) * BN;
     float xr[8][TN], acc[8][TN];
     bool x_finite = true;
@@ -646,9 +654,11 @@ template <typename T, bool EXACT>
 __global__ void __launch_bounds__(kThreads, 1)
     adder_gin_direct(const DevGeom g, const float* __restrict__ gt, const T* __restrict__ x,
                      const float* __restrict__ wt2, T* __restrict__ dx, const Strides4 dxs) {
-  for (int c = blockIdx.y; c < g.C; c += gridDim.y) {
+  for (long long c_ = blockIdx.y; c_ < g.C; c_ += gridDim.y) {
+    const int c = static_cast<int>(c_);  // 64-bit loop counter: no overflow near 2^31
     const int gi = c / g.Cg, cl = c - gi * g.Cg;
-    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < g.P; p += gridDim.x * blockDim.x) {
+    for (long long p_ = blockIdx.x * blockDim.x + threadIdx.x; p_ < g.P; p_ += gridDim.x * blockDim.x) {
+      const int p = static_cast<int>(p_);  // 64-bit loop counter: no overflow near 2^31
       const RowPos q = decode_pos(g, p);
       const float xv = to_f(x[q.n * g.xsN + c * g.xsC + q.oy * g.xsH + q.ox * g.xsW]);
       float acc = 0.f;
@@ -703,7 +713,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int l_r = tid % BR, l_q = (tid / BR) * QE;  // loader: row l_r, columns l_q .. l_q + 7
   const int tx = tid % (BN / 4), ty = tid / (BN / 4);
 
-  for (int yz = blockIdx.y; yz < g.G * nOt; yz += gridDim.y) {
+  for (long long yz_ = blockIdx.y; yz_ < g.G * nOt; yz_ += gridDim.y) {
+    const int yz = static_cast<int>(yz_);  // 64-bit loop counter: no overflow near 2^31
     const int gi = yz / nOt, o0 = (yz - gi * nOt) * BM;
     const T* xg = x + (long long)gi * g.Cg * g.xsC;
     float wr[4][4], acc[4][4];
@@ -813,7 +824,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ float red[kThreads];
   const int tid = threadIdx.x;
   const int total = g.O * g.K;
-  for (int idx = blockIdx.x; idx < total; idx += gridDim.x) {
+  for (long long idx_ = blockIdx.x; idx_ < total; idx_ += gridDim.x) {
+    const int idx = static_cast<int>(idx_);  // 64-bit loop counter: no overflow near 2^31
     const int o = idx / g.K, k = idx - o * g.K;
     const int gi = o / g.Og;
     const int cl = k / g.khw, tap = k - cl * g.khw;
@@ -858,8 +870,8 @@ bool mul_le(int64_t a, int64_t b, int64_t lim) { return a == 0 || b <= lim / a; 
 
 int num_sms() {
   int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      n <= 0) {
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
     (void)cudaGetLastError();  // clear; fall back to an H100-like count
     return 132;
   }
@@ -1009,8 +1021,9 @@ const char* adder_check_sizes(const ConvGeom& g) {
     return "kernel size, stride or dilation is 2^31 or more";
   if (g.dh * (g.kh - 1) >= (1 << 15) || g.dw * (g.kw - 1) >= (1 << 15))
     return "the dilated kernel extent dilation*(kernel_size-1) is 2^15 or more";
-  if (!mul_le(g.N, g.Ho * g.Wo, lim)) return "the number of output positions N*Ho*Wo is 2^31 or more";
-  if (!mul_le(g.N, g.H * g.W, lim)) return "the number of input positions N*H*W is 2^31 or more";
+  // rows and positions keep 1024 of headroom: tile indices run up to one tile past the end
+  if (!mul_le(g.N, g.Ho * g.Wo, lim - 1024)) return "the number of output positions N*Ho*Wo is 2^31 - 1024 or more";
+  if (!mul_le(g.N, g.H * g.W, lim - 1024)) return "the number of input positions N*H*W is 2^31 - 1024 or more";
   if (!mul_le(g.Cg, g.kh * g.kw, lim)) return "the reduction length C/groups*kh*kw is 2^31 or more";
   if (!mul_le(g.O, g.Cg * g.kh * g.kw, lim)) return "the weight has 2^31 elements or more";
   // one image of x: every in-image offset is a 32-bit int (an empty x reads nothing)

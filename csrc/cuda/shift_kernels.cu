@@ -87,7 +87,9 @@ __device__ __forceinline__ __nv_bfloat16 from_d<__nv_bfloat16>(double v) {
 __device__ __forceinline__ uint64_t bits_of(double v) { return static_cast<uint64_t>(__double_as_longlong(v)); }
 __device__ __forceinline__ double from_bits(uint64_t b) { return __longlong_as_double(static_cast<long long>(b)); }
 // NaN test on the bits (immune to any fast-math assumption)
-__device__ __forceinline__ bool is_nan(double v) { return (bits_of(v) & 0x7fffffffffffffffULL) > 0x7ff0000000000000ULL; }
+__device__ __forceinline__ bool is_nan(double v) {
+  return (bits_of(v) & 0x7fffffffffffffffULL) > 0x7ff0000000000000ULL;
+}
 
 // round(log2 a) for a normal positive double: a = m 2^e, m in [1, 2); log2 m >= 1/2 <=> m^2 >= 2
 __device__ __forceinline__ int round_log2(double a) {
