@@ -73,7 +73,7 @@ SCHEMAS = {**ADDER_SCHEMAS, **QUANT_SCHEMAS, **PACKED_SCHEMAS}
 FAMILIES = {
     "cpu": tuple(SCHEMAS),
     "cuda": tuple(f for f in SCHEMAS if f not in PACKED_SCHEMAS),
-    "triton": tuple(ADDER_SCHEMAS),
+    "triton": (*ADDER_SCHEMAS, *QUANT_SCHEMAS, "shift_linear_packed"),
     "reference": tuple(SCHEMAS),
 }
 

@@ -7,5 +7,6 @@ launchers take the op schema's arguments and are registered as
 """
 
 from .adder import FAMILIES as _ADDER_FAMILIES
+from .shift import FAMILIES as _SHIFT_FAMILIES
 
-FAMILIES = {**_ADDER_FAMILIES}
+FAMILIES = {**_ADDER_FAMILIES, **_SHIFT_FAMILIES}

@@ -8,7 +8,8 @@ weight:
 
 * ``PackedShiftLinear`` runs ``shiftadd::shift_linear_packed``, which on the CPU reads
   the codes directly (decode by table lookup in registers, FMA; csrc/cpu/shift_packed.cpp)
-  and elsewhere decodes and calls F.linear (the reference; GPU kernels: issue 4);
+  on CUDA tensors through the Triton kernel (codes decoded in registers, tl.dot) once that
+  backend is validated on a GPU, else the reference, which decodes and calls F.linear;
   ``forward_int`` is the exact integer mode (``shiftadd::shift_linear_int``).
 * ``PackedShiftConv2d`` decodes the weight once per forward and calls F.conv2d (on every
   device): the memory saving is in storage, not in the conv's weight traffic.
