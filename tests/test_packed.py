@@ -516,3 +516,34 @@ def test_packed_module_compiles():
     x = torch.randn(3, 24)
     fn = torch.compile(packed, fullgraph=True, backend="eager")
     assert same(fn(x), packed(x))
+
+
+@pytest.mark.parametrize("act_bits", [None, (8, 8)])
+@pytest.mark.parametrize("mode,bits", [("ps", 4), ("ps", 5), ("q", 3), ("q", 8)])
+def test_shift_linear_picks_the_packed_path_in_inference(mode, bits, act_bits):
+    usable("cpu")
+    torch.manual_seed(0)
+    layer = ShiftLinear(70, 33, mode=mode, weight_bits=bits, act_bits=act_bits)
+    x = torch.randn(5, 70)
+    dense = layer(x)  # training mode: the dense path
+    assert layer.inference_path(x) == "dense" and getattr(layer, "_packed_cache", None) is None
+    layer.eval()
+    assert layer.inference_path(x) == "dense"  # autograd would need the parameters' gradients
+    with torch.no_grad():
+        assert layer.inference_path(x) == "packed"
+        assert layer.inference_path(torch.randn(17, 70)) == "dense"  # compute-bound batch
+        y = layer(x)
+        assert layer._packed_cache is not None
+        assert rel_err(y, dense) <= 1e-6
+        assert rel_err(layer(x[:1]), dense[:1]) <= 1e-6
+        with shiftadd.use_backend("reference"):  # no packed kernel: the dense path
+            assert layer.inference_path(x) == "dense"
+        # a parameter change invalidates the packed cache
+        p = layer.weight if mode == "q" else layer.shift
+        p.mul_(0.5) if mode == "q" else p.sub_(1.0)
+        xr, br = x, layer.bias
+        if act_bits is not None:
+            xr, br = shiftadd.round_to_fixed(x, *act_bits), shiftadd.round_to_fixed(br, *act_bits)
+        assert rel_err(layer(x), F.linear(xr, layer.quantized_weight(), br)) <= 1e-6
+    layer.requires_grad_(False)
+    assert layer.inference_path(x) == "packed"  # frozen parameters: no gradient needed
