@@ -231,6 +231,45 @@ def test_cpu_kernels_on_every_instruction_set(case, mode):
         _dispatch._C.set_cpu_isa(old)
 
 
+STRIDE1_CASES = [  # stride-1 convs: the CPU grad input has a direct (tap-gather) and a GEMM algorithm
+    ((2, 16, 9, 11), (16, 16, 3, 3), ([1, 1], [1, 1], [1, 1], 1), "contiguous"),
+    ((3, 20, 10, 12), (24, 10, 3, 3), ([1, 1], [2, 0], [2, 1], 2), "channels_last"),
+    ((1, 5, 13, 7), (7, 5, 5, 3), ([1, 1], [2, 1], [1, 1], 1), "strided"),
+    ((2, 8, 6, 19), (8, 1, 3, 3), ([1, 1], [1, 1], [1, 1], 8), "contiguous"),  # depthwise, ragged row blocks
+]
+
+
+@pytest.mark.parametrize("algo", ["gemm", "direct"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", STRIDE1_CASES, ids=lambda c: f"{c[0]}x{c[1]}")
+def test_cpu_grad_input_algorithms(case, mode, algo, monkeypatch):
+    """Both CPU grad-input algorithms (SHIFTADD_CPU_GRAD_INPUT forces one) on every ISA,
+    against the reference, with NaN and inf on border pixels (the direct kernel's exact
+    fallback) as well as finite inputs."""
+    if not cpu_isas():
+        pytest.skip("shiftadd._C not loaded")
+    monkeypatch.setenv("SHIFTADD_CPU_GRAD_INPUT", algo)
+    xs, ws, args, layout = case
+    old = _dispatch._C.cpu_isa()
+    try:
+        for isa in cpu_isas():
+            _dispatch._C.set_cpu_isa(isa)
+            for dtype in (torch.float32, torch.float64):
+                x, w = make(xs, dtype, "cpu", layout), make(ws, dtype, "cpu")
+                check_against_reference("cpu", "adder_conv2d", x, w, args, mode, dtype)
+                x = x.clone()
+                x[0, 0, 0, 0] = float("nan")
+                x[-1, -1, -1, -1] = float("inf")
+                g = torch.randn(op("reference", "adder_conv2d")(x, w, *args, mode).shape, dtype=dtype)
+                a = op("cpu", "adder_conv2d_grad_input")(g, x, w, *args, mode)
+                b = op("reference", "adder_conv2d_grad_input")(g.double(), x.double(), w.double(), *args, mode)
+                assert torch.equal(a.isnan(), b.isnan()), f"{isa} {dtype}: NaN positions differ"
+                fin = b.isfinite()
+                torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
+    finally:
+        _dispatch._C.set_cpu_isa(old)
+
+
 def test_set_cpu_isa_rejects_unknown():
     if not cpu_isas():
         pytest.skip("shiftadd._C not loaded")
