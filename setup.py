@@ -39,7 +39,7 @@ def _ext_modules():
         return [], {}
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + [os.path.join("csrc", "registration.cpp")]
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
     link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
 

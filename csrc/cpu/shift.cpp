@@ -7,7 +7,9 @@
 //
 // round() is half-to-even (torch.round); with `noise` u in [0, 1) it is stochastic,
 // floor(v) + (u < frac(v)).  round(log2 a) is computed exactly from the IEEE exponent
-// and mantissa, without log2; 2^p from the exponent bits.
+// and mantissa, without log2; 2^p from the exponent bits.  The element loops are plain
+// loops over __restrict pointers with branch-free selects: with -fno-trapping-math
+// (setup.py) GCC vectorises them.
 // Shift linear/conv on the CPU use ATen's matmul/conv on the decoded weight (Python side).
 
 #include <cmath>
@@ -38,15 +40,6 @@ inline double from_bits(uint64_t b) {
   return v;
 }
 
-// round(log2 a) for a normal, positive double, exactly: a = m 2^e with m in [1, 2), and
-// log2 m >= 1/2  <=>  m^2 >= 2.
-inline int64_t round_log2(double a) {
-  const uint64_t b = bits_of(a);
-  const int64_t e = (int64_t)((b >> 52) & 0x7ff) - 1023;
-  const double m = from_bits((b & 0xfffffffffffffULL) | (1023ULL << 52));
-  return e + (m * m >= 2.0 ? 1 : 0);
-}
-
 // 2^p for an integer p in the normal range, exactly.
 inline double exp2_int(int64_t p) { return from_bits((uint64_t)(p + 1023) << 52); }
 
@@ -57,13 +50,24 @@ inline double round_even(double v) {
   return std::copysign(r, v);
 }
 
-// floor(v) exactly in precision A (float or double).
+// floor(v) exactly in precision A (float or double), branch-free so that loops vectorise:
+// round to an integer by adding and subtracting 2^52 (2^23), step down where that rounded
+// up; values of magnitude >= 2^52 (2^23) are integers already (inf and NaN pass through).
 template <typename A>
 inline A floor_exact(A v) {
   const A magic = std::is_same<A, double>::value ? (A)4503599627370496.0 : (A)8388608.0;  // 2^52 or 2^23
-  if (!(std::fabs(v) < magic)) return v;  // already an integer (or inf / NaN)
-  const A t = std::copysign((std::fabs(v) + magic) - magic, v);
-  return t > v ? t - A(1) : t;
+  const A ax = std::fabs(v);
+  A t = std::copysign((ax + magic) - magic, v);
+  t = t > v ? t - A(1) : t;
+  return ax < magic ? t : v;
+}
+
+// 2^p for an integer-valued double p in the normal range, from the bits: p + 1023 lands in
+// the low mantissa bits of (p + 1023) + 2^52 (no double-to-int conversion, which SSE2
+// cannot vectorise).
+inline double exp2_of_integral(double p) {
+  const uint64_t b = bits_of((p + 1023.0) + 4503599627370496.0);
+  return from_bits((b & 0x7ffULL) << 52);
 }
 
 inline double stochastic_floor(double v, double u) {
@@ -84,11 +88,64 @@ void check_bits(const char* op, int64_t weight_bits) {
   TORCH_CHECK(weight_bits >= 2 && weight_bits <= 8, op, ": weight_bits must be in [2, 8], got ", weight_bits);
 }
 
-template <typename F>
-void elementwise(at::Tensor& out, F f) {
-  at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; i++) f(i);
-  });
+// The element loops: plain loops over __restrict pointers, so that they vectorise (a
+// lambda called per element through captured pointers did not: the stores could alias).
+template <typename T>
+void q_deterministic(const T* __restrict w, T* __restrict out, int64_t n, double lo, int64_t) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) {
+    const double v = static_cast<double>(w[i]);
+    // a in [2^min_p, 1] is a normal double: a = m 2^e, m in [1, 2); round(log2 a) is e + [m^2 >= 2],
+    // so 2^round(log2 a) is 2^e, doubled when m^2 >= 2; it stays inside [2^min_p, 1] (no clamp).
+    const double a = std::min(std::max(std::fabs(v), lo), 1.0);
+    const uint64_t b = bits_of(a);
+    const double pe = from_bits(b & 0x7ff0000000000000ULL);
+    const double m = from_bits((b & 0xfffffffffffffULL) | (1023ULL << 52));
+    const double r = m * m >= 2.0 ? pe * 2.0 : pe;
+    const double q = v > 0 ? r : (v < 0 ? -r : 0.0);
+    out[i] = static_cast<T>(v != v ? v : q);  // NaN stays NaN
+  }
+}
+
+template <typename T>
+void q_stochastic(const T* __restrict w, const T* __restrict u, T* __restrict out, int64_t n, double lo,
+                  int64_t min_p) {
+  for (int64_t i = 0; i < n; i++) {
+    const double v = static_cast<double>(w[i]);
+    const double a = std::min(std::max(std::fabs(v), lo), 1.0);
+    int64_t p = (int64_t)stochastic_floor(std::log2(a), static_cast<double>(u[i]));
+    p = p < min_p ? min_p : (p > 0 ? 0 : p);
+    const double r = exp2_int(p);
+    const double q = v > 0 ? r : (v < 0 ? -r : 0.0);
+    out[i] = static_cast<T>(v != v ? v : q);
+  }
+}
+
+template <typename T, bool STOCHASTIC>
+void ps_kernel(const T* __restrict P, const T* __restrict S, const T* __restrict u, T* __restrict out, int64_t n,
+               double min_p) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) {
+    const double pv = static_cast<double>(P[i]), sv = static_cast<double>(S[i]);
+    const double pc = std::min(std::max(pv, min_p), 0.0);
+    const double p = STOCHASTIC ? stochastic_floor(pc, static_cast<double>(u[i])) : round_even(pc);
+    // sign(round(S)) with round half to even: 0 for |S| <= 1/2
+    const double sg = sv > 0.5 ? 1.0 : (sv < -0.5 ? -1.0 : 0.0);
+    const double wq = sg * exp2_of_integral(p);
+    out[i] = static_cast<T>(pv != pv || sv != sv ? (double)NAN : wq);
+  }
+}
+
+template <typename T, typename A>
+void fixed_kernel(const T* __restrict x, T* __restrict out, int64_t n, A scale, A inv, A alo, A ahi) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) {
+    // x * 2^f and * 2^-f are exact (ldexp), floor is exact
+    A v = floor_exact(static_cast<A>(x[i]) * scale) * inv;
+    v = ahi < v ? ahi : v;  // NaN passes through, as torch.clamp
+    v = alo > v ? alo : v;
+    out[i] = static_cast<T>(v);
+  }
 }
 
 at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c10::optional<at::Tensor>& noise) {
@@ -105,14 +162,11 @@ at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* up = u.defined() ? u.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    elementwise(out, [&](int64_t i) {
-      const double v = static_cast<double>(wp[i]);
-      const double a = std::min(std::max(std::fabs(v), lo), 1.0);
-      int64_t p = up ? (int64_t)stochastic_floor(std::log2(a), static_cast<double>(up[i])) : round_log2(a);
-      p = std::min<int64_t>(std::max<int64_t>(p, min_p), 0);
-      const double r = exp2_int(p);
-      const double q = v > 0 ? r : (v < 0 ? -r : 0.0);
-      op_[i] = static_cast<scalar_t>(v != v ? v : q);  // NaN stays NaN
+    at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
+      if (up == nullptr)
+        q_deterministic(wp + b, op_ + b, e - b, lo, min_p);
+      else
+        q_stochastic(wp + b, up + b, op_ + b, e - b, lo, min_p);
     });
   });
   return out;
@@ -138,14 +192,11 @@ at::Tensor quantize_pot_ps(const at::Tensor& shift, const at::Tensor& sign, int6
     const scalar_t* sp = S.const_data_ptr<scalar_t>();
     const scalar_t* up = u.defined() ? u.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    elementwise(out, [&](int64_t i) {
-      const double pv = static_cast<double>(pp[i]), sv = static_cast<double>(sp[i]);
-      const double pc = std::min(std::max(pv, min_p), 0.0);
-      const double p = up ? stochastic_floor(pc, static_cast<double>(up[i])) : round_even(pc);
-      // sign(round(S)) with round half to even: 0 for |S| <= 1/2
-      const double s = sv > 0.5 ? 1.0 : (sv < -0.5 ? -1.0 : 0.0);
-      const double w = s * exp2_int((int64_t)p);
-      op_[i] = static_cast<scalar_t>(pv != pv || sv != sv ? (double)NAN : w);
+    at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
+      if (up == nullptr)
+        ps_kernel<scalar_t, false>(pp + b, sp + b, nullptr, op_ + b, e - b, min_p);
+      else
+        ps_kernel<scalar_t, true>(pp + b, sp + b, up + b, op_ + b, e - b, min_p);
     });
   });
   return out;
@@ -166,12 +217,8 @@ at::Tensor round_to_fixed(const at::Tensor& x, int64_t int_bits, int64_t frac_bi
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     const acc_t ahi = (acc_t)hi, alo = (acc_t)lo;
     const acc_t scale = std::ldexp(acc_t(1), (int)frac_bits), inv = std::ldexp(acc_t(1), -(int)frac_bits);
-    elementwise(out, [&](int64_t i) {
-      // x * 2^f and * 2^-f are exact (ldexp), floor is exact
-      acc_t v = floor_exact(static_cast<acc_t>(xp[i]) * scale) * inv;
-      v = ahi < v ? ahi : v;  // NaN passes through, as torch.clamp
-      v = alo > v ? alo : v;
-      op_[i] = static_cast<scalar_t>(v);
+    at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
+      fixed_kernel<scalar_t, acc_t>(xp + b, op_ + b, e - b, scale, inv, alo, ahi);
     });
   });
   return out;
