@@ -304,6 +304,26 @@ def test_nan_and_inf_propagate_like_the_reference(backend, device):
             torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_grad_out_like_the_reference(backend, device):
+    """An inf or NaN in grad_out reaches the weight and input gradients as in the
+    reference (the CPU exact weight gradient has a separate path for finite grad_out)."""
+    skip_unless_usable(backend, "adder_conv2d", device, torch.float32)
+    x, w = torch.randn(2, 3, 6, 6, device=device), torch.randn(4, 3, 3, 3, device=device)
+    x[0, 0, 2, 2] = w[1, 0, 1, 1]  # an exact zero difference: sign 0, and inf * 0 = NaN
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    g = torch.randn(2, 4, 6, 6, device=device)
+    g[0, 1, 1, 1], g[1, 2, 3, 3] = float("inf"), float("nan")
+    for mode in MODES:
+        for fam in ("adder_conv2d_grad_input", "adder_conv2d_grad_weight"):
+            a = op(backend, fam)(g, x, w, *args, mode)
+            b = op("reference", fam)(g.double(), x.double(), w.double(), *args, mode)
+            assert torch.equal(a.isnan(), b.isnan()), f"{fam} {mode}: NaN positions differ"
+            assert torch.equal(a.isinf(), b.isinf()), f"{fam} {mode}: inf positions differ"
+            fin = b.isfinite()
+            torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_empty_and_degenerate_sizes(backend, device):
     skip_unless_usable(backend, "adder_linear", device, torch.float32)
