@@ -547,3 +547,15 @@ def test_shift_linear_picks_the_packed_path_in_inference(mode, bits, act_bits):
         assert rel_err(layer(x), F.linear(xr, layer.quantized_weight(), br)) <= 1e-6
     layer.requires_grad_(False)
     assert layer.inference_path(x) == "packed"  # frozen parameters: no gradient needed
+
+
+def test_shift_linear_in_inference_compiles_fullgraph():
+    """Under torch.compile the layer keeps the dense path (the packed cache is Python
+    state), so an eval-mode graph compiles without breaks and matches eager."""
+    torch.manual_seed(0)
+    layer = ShiftLinear(24, 8, mode="ps", weight_bits=4).eval()
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
