@@ -167,7 +167,6 @@ struct Row {
   __m512 lut;          // 4-bit: the 16-entry table
   __m512i E, zc;       // 8-bit: scale and zero code
   const float* lutm;   // the table in memory (tails)
-  int32_t E_s, zc_s;
 };
 
 inline __m512 decode4(const Row& r, int64_t k) {
@@ -185,84 +184,23 @@ inline __m512 decode8(const Row& r, int64_t k) {
   return _mm512_maskz_mov_ps(_mm512_cmpneq_epi32_mask(c, r.zc), v);
 }
 
-template <int BITS, int RR, int NB>
-void micro(const Row* rows, const float* x, int64_t K, int64_t O, int64_t o0, int64_t n0, float* y,
-           const float* bias) {
-  __m512 acc[RR][NB];
-  for (int r = 0; r < RR; r++)
-    for (int j = 0; j < NB; j++) acc[r][j] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 w[RR];
-    for (int r = 0; r < RR; r++) w[r] = BITS == 4 ? decode4(rows[r], k) : decode8(rows[r], k);
-    for (int j = 0; j < NB; j++) {
-      const __m512 xv = _mm512_loadu_ps(x + (n0 + j) * K + k);
-      for (int r = 0; r < RR; r++) acc[r][j] = _mm512_fmadd_ps(w[r], xv, acc[r][j]);
-    }
-  }
-  for (int r = 0; r < RR; r++)
-    for (int j = 0; j < NB; j++) {
-      float s = _mm512_reduce_add_ps(acc[r][j]);
-      const float* xr = x + (n0 + j) * K;
-      for (int64_t kk = k; kk < K; kk++) s += xr[kk] * rows[r].lutm[code_at(rows[r].codes, BITS, kk)];
-      y[(n0 + j) * O + o0 + r] = s + (bias ? bias[o0 + r] : 0.f);
-    }
-}
+using V = __m512;
+constexpr int L = 16;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V vfmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
 
-template <int BITS, int RR>
-void block(const Row* rows, const float* x, int64_t N, int64_t K, int64_t O, int64_t o0, float* y,
-           const float* bias) {
-  int64_t n = 0;
-  for (; n + 4 <= N; n += 4) micro<BITS, RR, 4>(rows, x, K, O, o0, n, y, bias);
-  switch (N - n) {
-    case 3: micro<BITS, RR, 3>(rows, x, K, O, o0, n, y, bias); break;
-    case 2: micro<BITS, RR, 2>(rows, x, K, O, o0, n, y, bias); break;
-    case 1: micro<BITS, RR, 1>(rows, x, K, O, o0, n, y, bias); break;
-    default: break;
-  }
-}
-
-template <int BITS>
-void gemm(const Packed& P, const float* x, int64_t N, float* y, const float* bias) {
-  const int64_t nblk = (P.O + R - 1) / R;
-  at::parallel_for(0, nblk, grain_rows(P.K, R), [&](int64_t b0, int64_t b1) {
-    alignas(64) float lut[R][256];
-    Row rows[R];
-    for (int64_t b = b0; b < b1; b++) {
-      const int64_t o0 = b * R, rr = std::min<int64_t>(R, P.O - o0);
-      for (int r = 0; r < rr; r++) {
-        const int64_t o = o0 + r;
-        build_lut(lut[r], BITS, P.scales[o], P.zc[o]);
-        rows[r].codes = P.row(o);
-        rows[r].lutm = lut[r];
-        rows[r].lut = _mm512_load_ps(lut[r]);
-        rows[r].E_s = P.scales[o];
-        rows[r].zc_s = P.zc[o];
-        rows[r].E = _mm512_set1_epi32(P.scales[o]);
-        rows[r].zc = _mm512_set1_epi32(P.zc[o]);
-      }
-      if (rr == R) {
-        block<BITS, R>(rows, x, N, P.K, P.O, o0, y, bias);
-      } else {
-        for (int r = 0; r < rr; r++) block<BITS, 1>(rows + r, x, N, P.K, P.O, o0 + r, y, bias);
-      }
-    }
-  });
-}
-
-// Channel o decoded to float (the large-batch path).
-void decode_row_f32(const Packed& P, int64_t o, float* w, float* lut) {
-  Row r;
-  build_lut(lut, P.bits, P.scales[o], P.zc[o]);
+inline void init_row(Row& r, const Packed& P, int64_t o, const float* lut) {
   r.codes = P.row(o);
+  r.lutm = lut;
   r.lut = _mm512_loadu_ps(lut);
   r.E = _mm512_set1_epi32(P.scales[o]);
   r.zc = _mm512_set1_epi32(P.zc[o]);
-  int64_t k = 0;
-  for (; k + 16 <= P.K; k += 16) _mm512_storeu_ps(w + k, P.bits == 4 ? decode4(r, k) : decode8(r, k));
-  for (; k < P.K; k++) w[k] = lut[code_at(r.codes, P.bits, k)];
 }
 
+#include "cpu/shift_packed_kernels.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -301,80 +239,21 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int BITS, int RR, int NB>
-void micro(const Row* rows, const float* x, int64_t K, int64_t O, int64_t o0, int64_t n0, float* y,
-           const float* bias) {
-  __m256 acc[RR][NB];
-  for (int r = 0; r < RR; r++)
-    for (int j = 0; j < NB; j++) acc[r][j] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 w[RR];
-    for (int r = 0; r < RR; r++) w[r] = BITS == 4 ? decode4(rows[r], k) : decode8(rows[r], k);
-    for (int j = 0; j < NB; j++) {
-      const __m256 xv = _mm256_loadu_ps(x + (n0 + j) * K + k);
-      for (int r = 0; r < RR; r++) acc[r][j] = _mm256_fmadd_ps(w[r], xv, acc[r][j]);
-    }
-  }
-  for (int r = 0; r < RR; r++)
-    for (int j = 0; j < NB; j++) {
-      float s = hsum(acc[r][j]);
-      const float* xr = x + (n0 + j) * K;
-      for (int64_t kk = k; kk < K; kk++) s += xr[kk] * rows[r].lutm[code_at(rows[r].codes, BITS, kk)];
-      y[(n0 + j) * O + o0 + r] = s + (bias ? bias[o0 + r] : 0.f);
-    }
-}
+using V = __m256;
+constexpr int L = 8;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V vfmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 
-template <int BITS, int RR>
-void block(const Row* rows, const float* x, int64_t N, int64_t K, int64_t O, int64_t o0, float* y,
-           const float* bias) {
-  int64_t n = 0;
-  for (; n + 4 <= N; n += 4) micro<BITS, RR, 4>(rows, x, K, O, o0, n, y, bias);
-  switch (N - n) {
-    case 3: micro<BITS, RR, 3>(rows, x, K, O, o0, n, y, bias); break;
-    case 2: micro<BITS, RR, 2>(rows, x, K, O, o0, n, y, bias); break;
-    case 1: micro<BITS, RR, 1>(rows, x, K, O, o0, n, y, bias); break;
-    default: break;
-  }
-}
-
-template <int BITS>
-void gemm(const Packed& P, const float* x, int64_t N, float* y, const float* bias) {
-  const int64_t nblk = (P.O + R - 1) / R;
-  at::parallel_for(0, nblk, grain_rows(P.K, R), [&](int64_t b0, int64_t b1) {
-    alignas(64) float lut[R][256];
-    Row rows[R];
-    for (int64_t b = b0; b < b1; b++) {
-      const int64_t o0 = b * R, rr = std::min<int64_t>(R, P.O - o0);
-      for (int r = 0; r < rr; r++) {
-        const int64_t o = o0 + r;
-        build_lut(lut[r], BITS, P.scales[o], P.zc[o]);
-        rows[r].codes = P.row(o);
-        rows[r].lutm = lut[r];
-        rows[r].lo = _mm256_load_ps(lut[r]);
-        rows[r].hi = _mm256_load_ps(lut[r] + 8);
-      }
-      if (rr == R) {
-        block<BITS, R>(rows, x, N, P.K, P.O, o0, y, bias);
-      } else {
-        for (int r = 0; r < rr; r++) block<BITS, 1>(rows + r, x, N, P.K, P.O, o0 + r, y, bias);
-      }
-    }
-  });
-}
-
-void decode_row_f32(const Packed& P, int64_t o, float* w, float* lut) {
-  Row r;
-  build_lut(lut, P.bits, P.scales[o], P.zc[o]);
+inline void init_row(Row& r, const Packed& P, int64_t o, const float* lut) {
   r.codes = P.row(o);
   r.lutm = lut;
   r.lo = _mm256_loadu_ps(lut);
   r.hi = _mm256_loadu_ps(lut + 8);
-  int64_t k = 0;
-  for (; k + 8 <= P.K; k += 8) _mm256_storeu_ps(w + k, P.bits == 4 ? decode4(r, k) : decode8(r, k));
-  for (; k < P.K; k++) w[k] = lut[code_at(r.codes, P.bits, k)];
 }
 
+#include "cpu/shift_packed_kernels.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 
