@@ -270,6 +270,38 @@ def test_cpu_grad_input_algorithms(case, mode, algo, monkeypatch):
         _dispatch._C.set_cpu_isa(old)
 
 
+@pytest.mark.parametrize("algo", ["gemm", "direct"])
+@pytest.mark.parametrize("case", STRIDE1_CASES, ids=lambda c: f"{c[0]}x{c[1]}")
+def test_cpu_exact_grad_weight_algorithms(case, algo, monkeypatch):
+    """Both CPU exact weight-gradient algorithms (SHIFTADD_CPU_GRAD_WEIGHT forces one) on
+    every ISA against the reference, with NaN / inf in x and W (sign 0 / +-1) and in grad_out
+    (the direct kernel leaves a non-finite grad_out to the GEMM path)."""
+    if not cpu_isas():
+        pytest.skip("shiftadd._C not loaded")
+    monkeypatch.setenv("SHIFTADD_CPU_GRAD_WEIGHT", algo)
+    xs, ws, args, layout = case
+    old = _dispatch._C.cpu_isa()
+    try:
+        for isa in cpu_isas():
+            _dispatch._C.set_cpu_isa(isa)
+            for dtype in (torch.float32, torch.float64):
+                x, w = make(xs, dtype, "cpu", layout), make(ws, dtype, "cpu")
+                check_against_reference("cpu", "adder_conv2d", x, w, args, "exact", dtype)
+                x, w = x.clone(), w.clone()
+                x[0, 0, 0, 0], x[-1, -1, -1, -1], w[0, 0, 0, 0] = float("nan"), float("inf"), float("-inf")
+                shape = op("reference", "adder_conv2d")(x, w, *args, "exact").shape
+                for g in (make(shape, dtype, "cpu", "strided"), torch.randn(shape, dtype=dtype).index_fill_(
+                        0, torch.tensor([0]), float("inf"))):
+                    a = op("cpu", "adder_conv2d_grad_weight")(g, x, w, *args, "exact")
+                    b = op("reference", "adder_conv2d_grad_weight")(g.double(), x.double(), w.double(), *args,
+                                                                   "exact")
+                    assert torch.equal(a.isnan(), b.isnan()), f"{isa} {dtype}: NaN positions differ"
+                    fin = b.isfinite()
+                    torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
+    finally:
+        _dispatch._C.set_cpu_isa(old)
+
+
 def test_set_cpu_isa_rejects_unknown():
     if not cpu_isas():
         pytest.skip("shiftadd._C not loaded")
