@@ -203,6 +203,18 @@ def test_linear_backend_matches_reference(backend, dtype, mode, device, data):
                             (), mode, dtype)
 
 
+def each_cpu_isa():
+    """Yields each instruction set this CPU runs the kernels on, with it selected; restores
+    the previous one afterwards."""
+    old = _dispatch._C.cpu_isa()
+    try:
+        for isa in cpu_isas():
+            _dispatch._C.set_cpu_isa(isa)
+            yield isa
+    finally:
+        _dispatch._C.set_cpu_isa(old)
+
+
 # shapes past every CPU tile size (rows > 96, k > 256, o > 32, k not a multiple of any block)
 LARGE_CASES = [
     ("adder_linear", (131, 301), (67, 301), ()),
@@ -220,15 +232,10 @@ def test_cpu_kernels_on_every_instruction_set(case, mode):
     if not cpu_isas():
         pytest.skip("shiftadd._C not loaded")
     family, xs, ws, args = case
-    old = _dispatch._C.cpu_isa()
-    try:
-        for isa in cpu_isas():
-            _dispatch._C.set_cpu_isa(isa)
-            for dtype in (torch.float32, torch.float64):
-                x = make(xs, dtype, "cpu", "channels_last" if len(xs) == 4 else "contiguous")
-                check_against_reference("cpu", family, x, make(ws, dtype, "cpu"), args, mode, dtype)
-    finally:
-        _dispatch._C.set_cpu_isa(old)
+    for _ in each_cpu_isa():
+        for dtype in (torch.float32, torch.float64):
+            x = make(xs, dtype, "cpu", "channels_last" if len(xs) == 4 else "contiguous")
+            check_against_reference("cpu", family, x, make(ws, dtype, "cpu"), args, mode, dtype)
 
 
 STRIDE1_CASES = [  # stride-1 convs: the CPU grad input has a direct (tap-gather) and a GEMM algorithm
@@ -250,24 +257,19 @@ def test_cpu_grad_input_algorithms(case, mode, algo, monkeypatch):
         pytest.skip("shiftadd._C not loaded")
     monkeypatch.setenv("SHIFTADD_CPU_GRAD_INPUT", algo)
     xs, ws, args, layout = case
-    old = _dispatch._C.cpu_isa()
-    try:
-        for isa in cpu_isas():
-            _dispatch._C.set_cpu_isa(isa)
-            for dtype in (torch.float32, torch.float64):
-                x, w = make(xs, dtype, "cpu", layout), make(ws, dtype, "cpu")
-                check_against_reference("cpu", "adder_conv2d", x, w, args, mode, dtype)
-                x = x.clone()
-                x[0, 0, 0, 0] = float("nan")
-                x[-1, -1, -1, -1] = float("inf")
-                g = torch.randn(op("reference", "adder_conv2d")(x, w, *args, mode).shape, dtype=dtype)
-                a = op("cpu", "adder_conv2d_grad_input")(g, x, w, *args, mode)
-                b = op("reference", "adder_conv2d_grad_input")(g.double(), x.double(), w.double(), *args, mode)
-                assert torch.equal(a.isnan(), b.isnan()), f"{isa} {dtype}: NaN positions differ"
-                fin = b.isfinite()
-                torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
-    finally:
-        _dispatch._C.set_cpu_isa(old)
+    for isa in each_cpu_isa():
+        for dtype in (torch.float32, torch.float64):
+            x, w = make(xs, dtype, "cpu", layout), make(ws, dtype, "cpu")
+            check_against_reference("cpu", "adder_conv2d", x, w, args, mode, dtype)
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+            x[-1, -1, -1, -1] = float("inf")
+            g = torch.randn(op("reference", "adder_conv2d")(x, w, *args, mode).shape, dtype=dtype)
+            a = op("cpu", "adder_conv2d_grad_input")(g, x, w, *args, mode)
+            b = op("reference", "adder_conv2d_grad_input")(g.double(), x.double(), w.double(), *args, mode)
+            assert torch.equal(a.isnan(), b.isnan()), f"{isa} {dtype}: NaN positions differ"
+            fin = b.isfinite()
+            torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("algo", ["gemm", "direct"])
@@ -280,26 +282,20 @@ def test_cpu_exact_grad_weight_algorithms(case, algo, monkeypatch):
         pytest.skip("shiftadd._C not loaded")
     monkeypatch.setenv("SHIFTADD_CPU_GRAD_WEIGHT", algo)
     xs, ws, args, layout = case
-    old = _dispatch._C.cpu_isa()
-    try:
-        for isa in cpu_isas():
-            _dispatch._C.set_cpu_isa(isa)
-            for dtype in (torch.float32, torch.float64):
-                x, w = make(xs, dtype, "cpu", layout), make(ws, dtype, "cpu")
-                check_against_reference("cpu", "adder_conv2d", x, w, args, "exact", dtype)
-                x, w = x.clone(), w.clone()
-                x[0, 0, 0, 0], x[-1, -1, -1, -1], w[0, 0, 0, 0] = float("nan"), float("inf"), float("-inf")
-                shape = op("reference", "adder_conv2d")(x, w, *args, "exact").shape
-                for g in (make(shape, dtype, "cpu", "strided"), torch.randn(shape, dtype=dtype).index_fill_(
-                        0, torch.tensor([0]), float("inf"))):
-                    a = op("cpu", "adder_conv2d_grad_weight")(g, x, w, *args, "exact")
-                    b = op("reference", "adder_conv2d_grad_weight")(g.double(), x.double(), w.double(), *args,
-                                                                   "exact")
-                    assert torch.equal(a.isnan(), b.isnan()), f"{isa} {dtype}: NaN positions differ"
-                    fin = b.isfinite()
-                    torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
-    finally:
-        _dispatch._C.set_cpu_isa(old)
+    for isa in each_cpu_isa():
+        for dtype in (torch.float32, torch.float64):
+            x, w = make(xs, dtype, "cpu", layout), make(ws, dtype, "cpu")
+            check_against_reference("cpu", "adder_conv2d", x, w, args, "exact", dtype)
+            x, w = x.clone(), w.clone()
+            x[0, 0, 0, 0], x[-1, -1, -1, -1], w[0, 0, 0, 0] = float("nan"), float("inf"), float("-inf")
+            shape = op("reference", "adder_conv2d")(x, w, *args, "exact").shape
+            for g in (make(shape, dtype, "cpu", "strided"),
+                      torch.randn(shape, dtype=dtype).index_fill_(0, torch.tensor([0]), float("inf"))):
+                a = op("cpu", "adder_conv2d_grad_weight")(g, x, w, *args, "exact")
+                b = op("reference", "adder_conv2d_grad_weight")(g.double(), x.double(), w.double(), *args, "exact")
+                assert torch.equal(a.isnan(), b.isnan()), f"{isa} {dtype}: NaN positions differ"
+                fin = b.isfinite()
+                torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
 
 
 def test_set_cpu_isa_rejects_unknown():

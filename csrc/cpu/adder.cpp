@@ -163,6 +163,12 @@ at::Tensor forward_impl(const char* op, const at::Tensor& x_in, const at::Tensor
   return y.scalar_type() == x_in.scalar_type() ? y : y.to(x_in.scalar_type());
 }
 
+// An algorithm forced through an environment variable: "gemm", "direct" or "auto" (unset).
+std::string algo_override(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr ? "auto" : env;
+}
+
 // Grad-input algorithm: "direct" (a gather over taps, adder_grad_input_direct) for
 // stride-1 convolutions with a kernel larger than 1x1 and at most 128 output channels per
 // group (measured on AVX-512: 1.7-2.4x the GEMM path for 16-64 channels, on par at 256;
@@ -171,11 +177,8 @@ at::Tensor forward_impl(const char* op, const at::Tensor& x_in, const at::Tensor
 // tests and benchmarks; direct still needs stride 1).
 bool use_direct_grad_input(const Geom& g, bool conv) {
   if (!conv || g.sh != 1 || g.sw != 1) return false;
-  const char* env = std::getenv("SHIFTADD_CPU_GRAD_INPUT");
-  const std::string algo = env == nullptr ? "auto" : env;
-  if (algo == "gemm") return false;
-  if (algo == "direct") return true;
-  return g.khw() > 1 && g.Og <= 128;
+  const std::string algo = algo_override("SHIFTADD_CPU_GRAD_INPUT");
+  return algo == "direct" || (algo != "gemm" && g.khw() > 1 && g.Og <= 128);
 }
 
 at::Tensor grad_input_impl(const char* op, const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& w_in,
@@ -239,11 +242,8 @@ bool all_finite(const T* p, const int64_t* sizes, const int64_t* strides) {
 // rule (direct still needs stride 1 and a finite grad_out).
 bool use_direct_grad_weight(const Geom& g, bool conv) {
   if (!conv || g.sh != 1 || g.sw != 1) return false;
-  const char* env = std::getenv("SHIFTADD_CPU_GRAD_WEIGHT");
-  const std::string algo = env == nullptr ? "auto" : env;
-  if (algo == "gemm") return false;
-  if (algo == "direct") return true;
-  return g.khw() > 1 && g.Og <= 32;
+  const std::string algo = algo_override("SHIFTADD_CPU_GRAD_WEIGHT");
+  return algo == "direct" || (algo != "gemm" && g.khw() > 1 && g.Og <= 32);
 }
 
 at::Tensor grad_weight_exact(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const Geom& g) {
