@@ -547,6 +547,16 @@ def test_shift_linear_picks_the_packed_path_in_inference(mode, bits, act_bits):
         assert rel_err(layer(x), F.linear(xr, layer.quantized_weight(), br)) <= 1e-6
     layer.requires_grad_(False)
     assert layer.inference_path(x) == "packed"  # frozen parameters: no gradient needed
+    # new parameter objects and dtype round trips also rebuild the packed weight
+    with torch.no_grad():
+        name = "weight" if mode == "q" else "shift"
+        setattr(layer, name, torch.nn.Parameter(getattr(layer, name).detach().clone() * 0.25 if mode == "q"
+                                                else getattr(layer, name).detach().clone() - 1.0))
+        layer.double().float()
+        xr, br = x, layer.bias
+        if act_bits is not None:
+            xr, br = shiftadd.round_to_fixed(x, *act_bits), shiftadd.round_to_fixed(br, *act_bits)
+        assert rel_err(layer(x), F.linear(xr, layer.quantized_weight(), br)) <= 1e-6
 
 
 def test_shift_linear_in_inference_compiles_fullgraph():

@@ -184,9 +184,15 @@ class ShiftLinear(_ShiftBase):
             from ..packed import pack_pot
 
             with torch.no_grad():
-                cache = (key, pack_pot(self.quantized_weight(), self.weight_bits))
+                # the cache holds detached aliases of the parameters it was built from, so their
+                # memory cannot be reused by a replacement at the same address and version
+                cache = (key, pack_pot(self.quantized_weight(), self.weight_bits), [t.detach() for t in params])
             self._packed_cache = cache
         return cache[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed_cache = None  # .to(), .half(), ...: rebuilt on the next packed call
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
