@@ -48,6 +48,42 @@ inline void check_float_pair(const char* op, const at::Tensor& x, const at::Tens
   TORCH_CHECK(w.device() == x.device(), op, ": weight is on ", w.device(), " but x is on ", x.device());
 }
 
+// Argument checks of the power-of-two quantizers, shared by the CPU and CUDA
+// implementations (csrc/cpu/shift.cpp, csrc/cuda/shift.cpp).
+inline void check_noise(const char* op, const at::Tensor& ref, const c10::optional<at::Tensor>& noise) {
+  if (!noise.has_value()) return;
+  TORCH_CHECK(noise->sizes() == ref.sizes(), op, ": noise must have the shape of the weight ", ref.sizes(), ", got ",
+              noise->sizes());
+  TORCH_CHECK(noise->scalar_type() == ref.scalar_type(), op, ": noise dtype ", noise->scalar_type(),
+              " does not match ", ref.scalar_type());
+  TORCH_CHECK(noise->device() == ref.device(), op, ": noise is on ", noise->device(), ", weight on ", ref.device());
+}
+
+inline void check_quantize_q(const char* op, const at::Tensor& weight, int64_t weight_bits,
+                             const c10::optional<at::Tensor>& noise) {
+  TORCH_CHECK(weight_bits >= 2 && weight_bits <= 8, op, ": weight_bits must be in [2, 8], got ", weight_bits);
+  TORCH_CHECK(weight.is_floating_point(), op, ": weight must be floating point, got ", weight.scalar_type());
+  check_noise(op, weight, noise);
+}
+
+inline void check_quantize_ps(const char* op, const at::Tensor& shift, const at::Tensor& sign, int64_t weight_bits,
+                              const c10::optional<at::Tensor>& noise) {
+  TORCH_CHECK(weight_bits >= 2 && weight_bits <= 8, op, ": weight_bits must be in [2, 8], got ", weight_bits);
+  TORCH_CHECK(shift.is_floating_point(), op, ": shift must be floating point, got ", shift.scalar_type());
+  TORCH_CHECK(sign.scalar_type() == shift.scalar_type(), op, ": sign dtype ", sign.scalar_type(),
+              " does not match shift dtype ", shift.scalar_type());
+  TORCH_CHECK(sign.sizes() == shift.sizes(), op, ": sign shape ", sign.sizes(), " does not match shift shape ",
+              shift.sizes());
+  TORCH_CHECK(sign.device() == shift.device(), op, ": sign is on ", sign.device(), ", shift on ", shift.device());
+  check_noise(op, shift, noise);
+}
+
+inline void check_round_to_fixed(const char* op, const at::Tensor& x, int64_t int_bits, int64_t frac_bits) {
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(int_bits >= 1 && int_bits <= 64, op, ": int_bits must be in [1, 64], got ", int_bits);
+  TORCH_CHECK(frac_bits >= 0 && frac_bits <= 64, op, ": frac_bits must be in [0, 64], got ", frac_bits);
+}
+
 // Builds and validates the conv geometry; `op` names the operator in error messages.
 inline Geom make_conv_geom(const char* op, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {

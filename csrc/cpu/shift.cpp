@@ -75,19 +75,6 @@ inline double stochastic_floor(double v, double u) {
   return fl + (u < v - fl ? 1.0 : 0.0);
 }
 
-void check_noise(const char* op, const at::Tensor& ref, const c10::optional<at::Tensor>& noise) {
-  if (!noise.has_value()) return;
-  TORCH_CHECK(noise->sizes() == ref.sizes(), op, ": noise must have the shape of the weight ", ref.sizes(), ", got ",
-              noise->sizes());
-  TORCH_CHECK(noise->scalar_type() == ref.scalar_type(), op, ": noise dtype ", noise->scalar_type(),
-              " does not match ", ref.scalar_type());
-  TORCH_CHECK(noise->device() == ref.device(), op, ": noise is on ", noise->device(), ", weight on ", ref.device());
-}
-
-void check_bits(const char* op, int64_t weight_bits) {
-  TORCH_CHECK(weight_bits >= 2 && weight_bits <= 8, op, ": weight_bits must be in [2, 8], got ", weight_bits);
-}
-
 // The element loops: plain loops over __restrict pointers, so that they vectorise (a
 // lambda called per element through captured pointers did not: the stores could alias).
 template <typename T>
@@ -150,9 +137,7 @@ void fixed_kernel(const T* __restrict x, T* __restrict out, int64_t n, A scale, 
 
 at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c10::optional<at::Tensor>& noise) {
   const char* op = "shiftadd::quantize_pot_q";
-  check_bits(op, weight_bits);
-  TORCH_CHECK(weight.is_floating_point(), op, ": weight must be floating point, got ", weight.scalar_type());
-  check_noise(op, weight, noise);
+  check_quantize_q(op, weight, weight_bits, noise);
   const int64_t min_p = -((int64_t(1) << (weight_bits - 1)) - 1);
   const double lo = std::ldexp(1.0, (int)min_p);
   const at::Tensor w = weight.contiguous();
@@ -175,14 +160,7 @@ at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c
 at::Tensor quantize_pot_ps(const at::Tensor& shift, const at::Tensor& sign, int64_t weight_bits,
                            const c10::optional<at::Tensor>& noise) {
   const char* op = "shiftadd::quantize_pot_ps";
-  check_bits(op, weight_bits);
-  TORCH_CHECK(shift.is_floating_point(), op, ": shift must be floating point, got ", shift.scalar_type());
-  TORCH_CHECK(sign.scalar_type() == shift.scalar_type(), op, ": sign dtype ", sign.scalar_type(),
-              " does not match shift dtype ", shift.scalar_type());
-  TORCH_CHECK(sign.sizes() == shift.sizes(), op, ": sign shape ", sign.sizes(), " does not match shift shape ",
-              shift.sizes());
-  TORCH_CHECK(sign.device() == shift.device(), op, ": sign is on ", sign.device(), ", shift on ", shift.device());
-  check_noise(op, shift, noise);
+  check_quantize_ps(op, shift, sign, weight_bits, noise);
   const double min_p = -(double)((int64_t(1) << (weight_bits - 1)) - 2);
   const at::Tensor P = shift.contiguous(), S = sign.contiguous();
   at::Tensor u = noise.has_value() ? noise->contiguous() : at::Tensor();
@@ -204,9 +182,7 @@ at::Tensor quantize_pot_ps(const at::Tensor& shift, const at::Tensor& sign, int6
 
 at::Tensor round_to_fixed(const at::Tensor& x, int64_t int_bits, int64_t frac_bits) {
   const char* op = "shiftadd::round_to_fixed";
-  TORCH_CHECK(x.is_floating_point(), op, ": x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(int_bits >= 1 && int_bits <= 64, op, ": int_bits must be in [1, 64], got ", int_bits);
-  TORCH_CHECK(frac_bits >= 0 && frac_bits <= 64, op, ": frac_bits must be in [0, 64], got ", frac_bits);
+  check_round_to_fixed(op, x, int_bits, frac_bits);
   const double hi = std::ldexp(1.0, (int)int_bits - 1) - 1.0, lo = -std::ldexp(1.0, (int)int_bits - 1);
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());

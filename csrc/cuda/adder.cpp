@@ -23,6 +23,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/glue.h"
 #include "cuda/kernels.h"
 #include "shiftadd.h"
 
@@ -31,10 +32,6 @@ namespace cuda_glue {
 namespace {
 
 namespace k = ::shiftadd::cuda;
-
-void check_device(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the cuda backend, got ", t.device());
-}
 
 k::DType adder_dtype(const char* op, const at::Tensor& x) {
   switch (x.scalar_type()) {
@@ -70,10 +67,6 @@ void check_sizes(const char* op, const k::ConvGeom& c) {
   const char* msg = k::adder_check_sizes(c);
   TORCH_CHECK(msg == nullptr, op, ": ", (msg ? msg : ""),
               "; this is too large for the CUDA kernels' 32-bit indexing (split the batch, or use another backend)");
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 at::Tensor workspace(const at::Tensor& like, size_t bytes) {

@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/glue.h"
 #include "cuda/kernels.h"
 #include "shiftadd.h"
 
@@ -23,10 +24,6 @@ namespace cuda_glue {
 namespace {
 
 namespace k = ::shiftadd::cuda;
-
-void check_device(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the cuda backend, got ", t.device());
-}
 
 k::DType float_dtype(const char* op, const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -39,31 +36,12 @@ k::DType float_dtype(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(false, op, ": ", name, " must be floating point, got ", t.scalar_type());
 }
 
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-void check_noise(const char* op, const at::Tensor& ref, const c10::optional<at::Tensor>& noise) {
-  if (!noise.has_value()) return;
-  TORCH_CHECK(noise->sizes() == ref.sizes(), op, ": noise must have the shape of the weight ", ref.sizes(), ", got ",
-              noise->sizes());
-  TORCH_CHECK(noise->scalar_type() == ref.scalar_type(), op, ": noise dtype ", noise->scalar_type(),
-              " does not match ", ref.scalar_type());
-  TORCH_CHECK(noise->device() == ref.device(), op, ": noise is on ", noise->device(), ", weight on ", ref.device());
-}
-
-void check_bits(const char* op, int64_t weight_bits) {
-  TORCH_CHECK(weight_bits >= 2 && weight_bits <= 8, op, ": weight_bits must be in [2, 8], got ", weight_bits);
-}
-
 }  // namespace
 
 at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c10::optional<at::Tensor>& noise) {
   const char* op = "shiftadd::quantize_pot_q";
-  check_bits(op, weight_bits);
-  TORCH_CHECK(weight.is_floating_point(), op, ": weight must be floating point, got ", weight.scalar_type());
+  check_quantize_q(op, weight, weight_bits, noise);
   check_device(op, weight, "weight");
-  check_noise(op, weight, noise);
   const k::DType dt = float_dtype(op, weight, "weight");
   c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous();
@@ -79,15 +57,8 @@ at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c
 at::Tensor quantize_pot_ps(const at::Tensor& shift, const at::Tensor& sign, int64_t weight_bits,
                            const c10::optional<at::Tensor>& noise) {
   const char* op = "shiftadd::quantize_pot_ps";
-  check_bits(op, weight_bits);
-  TORCH_CHECK(shift.is_floating_point(), op, ": shift must be floating point, got ", shift.scalar_type());
-  TORCH_CHECK(sign.scalar_type() == shift.scalar_type(), op, ": sign dtype ", sign.scalar_type(),
-              " does not match shift dtype ", shift.scalar_type());
-  TORCH_CHECK(sign.sizes() == shift.sizes(), op, ": sign shape ", sign.sizes(), " does not match shift shape ",
-              shift.sizes());
-  TORCH_CHECK(sign.device() == shift.device(), op, ": sign is on ", sign.device(), ", shift on ", shift.device());
+  check_quantize_ps(op, shift, sign, weight_bits, noise);
   check_device(op, shift, "shift");
-  check_noise(op, shift, noise);
   const k::DType dt = float_dtype(op, shift, "shift");
   c10::cuda::CUDAGuard guard(shift.device());
   const at::Tensor P = shift.contiguous(), S = sign.contiguous();
@@ -102,9 +73,7 @@ at::Tensor quantize_pot_ps(const at::Tensor& shift, const at::Tensor& sign, int6
 
 at::Tensor round_to_fixed(const at::Tensor& x, int64_t int_bits, int64_t frac_bits) {
   const char* op = "shiftadd::round_to_fixed";
-  TORCH_CHECK(x.is_floating_point(), op, ": x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(int_bits >= 1 && int_bits <= 64, op, ": int_bits must be in [1, 64], got ", int_bits);
-  TORCH_CHECK(frac_bits >= 0 && frac_bits <= 64, op, ": frac_bits must be in [0, 64], got ", frac_bits);
+  check_round_to_fixed(op, x, int_bits, frac_bits);
   check_device(op, x, "x");
   const k::DType dt = float_dtype(op, x, "x");
   c10::cuda::CUDAGuard guard(x.device());

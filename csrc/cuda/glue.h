@@ -1,0 +1,21 @@
+// Helpers shared by the torch glue of the CUDA kernels (csrc/cuda/*.cpp, built only in
+// CUDA builds; the kernels themselves are in the .cu files).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+namespace shiftadd {
+namespace cuda_glue {
+
+inline void check_device(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the cuda backend, got ", t.device());
+}
+
+inline void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace cuda_glue
+}  // namespace shiftadd
