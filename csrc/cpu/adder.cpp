@@ -69,7 +69,7 @@ struct Kernels {
   void (*forward)(const Geom&, const T*, const T*, T*, const int64_t*);
   void (*grad_input_hardtanh)(const Geom&, const T*, const T*, const T*, int64_t, T*, const int64_t*);
   void (*grad_input_sign)(const Geom&, const T*, const T*, const T*, int64_t, T*, const int64_t*);
-  void (*grad_weight_sign)(const Geom&, const T*, const T*, const T*, int64_t, T*);
+  void (*grad_weight_sign)(const Geom&, const T*, const T*, const T*, int64_t, T*, bool);
   void (*grad_input_direct_hardtanh)(const Geom&, const T*, const T*, const T*, const int64_t*, T*, const int64_t*);
   void (*grad_input_direct_sign)(const Geom&, const T*, const T*, const T*, const int64_t*, T*, const int64_t*);
   void (*grad_weight_direct_sign)(const Geom&, const T*, const T*, const T*, const int64_t*, T*);
@@ -217,16 +217,20 @@ at::Tensor grad_input_impl(const char* op, const at::Tensor& grad_in, const at::
   return dx.scalar_type() == x_in.scalar_type() ? dx : dx.to(x_in.scalar_type());
 }
 
-// Every element of a (possibly strided) 4-D CPU tensor is finite.
+// Every element of a (possibly strided) 2-D or 4-D CPU tensor is finite.
 template <typename T>
-bool all_finite(const T* p, const int64_t* sizes, const int64_t* strides) {
+bool all_finite(const at::Tensor& t) {
+  const bool conv = t.dim() == 4;
+  const int64_t sizes[4] = {t.size(0), t.size(1), conv ? t.size(2) : 1, conv ? t.size(3) : 1};
+  const int64_t strides[4] = {t.stride(0), t.stride(1), conv ? t.stride(2) : 0, conv ? t.stride(3) : 0};
+  const T* p = t.const_data_ptr<T>();
   std::atomic<bool> ok{true};
   at::parallel_for(0, sizes[0] * sizes[1], 1, [&](int64_t a, int64_t b) {
     bool fin = true;
-    for (int64_t t = a; t < b && fin; t++) {
-      const T* q = p + (t / sizes[1]) * strides[0] + (t % sizes[1]) * strides[1];
-      for (int64_t i = 0; i < sizes[2]; i++)
-        for (int64_t j = 0; j < sizes[3]; j++) fin &= std::isfinite(q[i * strides[2] + j * strides[3]]);
+    for (int64_t i = a; i < b && fin; i++) {
+      const T* q = p + (i / sizes[1]) * strides[0] + (i % sizes[1]) * strides[1];
+      for (int64_t y = 0; y < sizes[2]; y++)
+        for (int64_t x = 0; x < sizes[3]; x++) fin &= std::isfinite(q[y * strides[2] + x * strides[3]]);
     }
     if (!fin) ok = false;
   });
@@ -249,26 +253,20 @@ bool use_direct_grad_weight(const Geom& g, bool conv) {
 at::Tensor grad_weight_exact(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const Geom& g) {
   at::Tensor dw = at::zeros(w.sizes(), w.options());
   if (dw.numel() == 0 || g.R() == 0) return dw;
-  bool done = false;
-  if (use_direct_grad_weight(g, x.dim() == 4)) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adder_grad_weight_cpu", [&] {
-      const int64_t sizes[4] = {grad.size(0), grad.size(1), grad.size(2), grad.size(3)};
-      const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
-      if (all_finite(grad.const_data_ptr<scalar_t>(), sizes, gs)) {
-        kernels<scalar_t>().grad_weight_direct_sign(g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                                    grad.const_data_ptr<scalar_t>(), gs,
-                                                    dw.mutable_data_ptr<scalar_t>());
-        done = true;
-      }
-    });
-  }
-  if (done) return dw;
-  // zero tail: the widest kernel loads two 64-byte vectors of outputs from the last block
-  const at::Tensor rows = grad_rows(grad, g, 2 * 64 / (int64_t)x.element_size());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adder_grad_weight_cpu", [&] {
-    kernels<scalar_t>().grad_weight_sign(g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                         rows.const_data_ptr<scalar_t>(), rows.stride(0),
-                                         dw.mutable_data_ptr<scalar_t>());
+    const auto k = kernels<scalar_t>();
+    // a finite grad_out (the usual case) allows the cheaper sign-accumulate and the direct kernel
+    const bool finite_g = all_finite<scalar_t>(grad);
+    if (finite_g && use_direct_grad_weight(g, x.dim() == 4)) {
+      const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
+      k.grad_weight_direct_sign(g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                grad.const_data_ptr<scalar_t>(), gs, dw.mutable_data_ptr<scalar_t>());
+      return;
+    }
+    // zero tail: the widest kernel loads two 64-byte vectors of outputs from the last block
+    const at::Tensor rows = grad_rows(grad, g, 2 * 64 / (int64_t)x.element_size());
+    k.grad_weight_sign(g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), rows.const_data_ptr<scalar_t>(),
+                       rows.stride(0), dw.mutable_data_ptr<scalar_t>(), finite_g);
   });
   return dw;
 }
