@@ -152,6 +152,8 @@ class _ConvPlan:
     def cols(self, xc: torch.Tensor) -> torch.Tensor:
         """x chunk (n, C, H, W) -> patches (G, n*L, Kg)."""
         n = xc.shape[0]
+        if self.Kg == 0:  # no input channels: im2col on CUDA refuses C = 0
+            return xc.new_zeros((self.G, n * self.L, 0), dtype=self.acc)
         u = F.unfold(xc.to(self.acc), (self.kh, self.kw), self.dilation, self.padding, self.stride)
         return u.view(n, self.G, self.Kg, self.L).permute(1, 0, 3, 2).reshape(self.G, n * self.L, self.Kg)
 
@@ -186,8 +188,8 @@ def adder_conv2d_grad_input(grad_out, x, weight, stride=(1, 1), padding=(0, 0), 
     _check_mode(grad_mode)
     p = _ConvPlan(x, weight, stride, padding, dilation, groups)
     w = p.weight(weight)
-    dx = x.new_empty(x.shape, dtype=p.acc)
-    for n0 in range(0, p.N, p.nb):
+    dx = x.new_zeros(x.shape, dtype=p.acc)
+    for n0 in range(0, p.N if p.Kg else 0, p.nb):  # C = 0: dx is empty (and F.fold on CUDA refuses it)
         xc = x[n0:n0 + p.nb]
         n = xc.shape[0]
         cols, rows = p.cols(xc), p.rows(grad_out[n0:n0 + n])

@@ -70,8 +70,9 @@ def round_to_fixed(x: torch.Tensor, int_bits: int = 16, frac_bits: int = 16) -> 
     if not 1 <= int_bits <= 64 or not 0 <= frac_bits <= 64:
         raise ValueError(f"int_bits must be in [1, 64] and frac_bits in [0, 64], got {int_bits}, {frac_bits}")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    v = torch.floor(torch.ldexp(x.to(acc), torch.tensor(frac_bits, dtype=acc, device=x.device)))
-    v = torch.ldexp(v, torch.tensor(-frac_bits, dtype=acc, device=x.device))
+    # scaling by a power-of-two Python float is exact (torch.ldexp is not on CUDA: it
+    # multiplies by pow(2, e), which came out 1 ulp low in float64 on an H100)
+    v = torch.floor(x.to(acc) * (2.0 ** frac_bits)) * (2.0 ** -frac_bits)
     bound = 2.0 ** (int_bits - 1)
     return v.clamp(-bound, bound - 1).to(x.dtype)
 
