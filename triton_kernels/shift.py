@@ -39,6 +39,7 @@ import triton.language as tl
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_AUTOTUNE = os.environ.get("SHIFTADD_TRITON_AUTOTUNE", "1") != "0"  # 0: first config only (tests)
 _BLOCK = 1024
 
 # smallest 52-bit fraction f with (2^52 + f)^2 >= 2^105: round(log2 a) = e + [f >= _T52]
@@ -138,10 +139,11 @@ _fixed = torch.library.wrap_triton(_fixed_kernel)
 def _packed_configs():
     if _INTERPRET:
         return [triton.Config({"BN": 16, "BO": 16, "BK": 32}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BN": bn, "BO": bo, "BK": bk}, num_warps=w, num_stages=s)
+    full = [triton.Config({"BN": bn, "BO": bo, "BK": bk}, num_warps=w, num_stages=s)
             for bn, bo, bk, w, s in ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4),
                                      (16, 64, 256, 4, 3), (32, 64, 128, 4, 4), (64, 128, 64, 8, 3),
                                      (128, 128, 64, 8, 3), (128, 64, 64, 4, 3))]
+    return full if _AUTOTUNE else full[:1]
 
 
 @triton.autotune(configs=_packed_configs(), key=["N_BUCKET", "O", "K", "BITS", "DOT"])
