@@ -53,6 +53,12 @@ DTYPES = {
 # CUDA and Triton kernels so far were compile-checked (nvcc, Triton's sm_90 compiler) and
 # verified under the Triton interpreter, not yet run on a GPU.
 GPU_VALIDATED: frozenset = frozenset()
+# A validation run on a new GPU or toolkit can let `auto` use backends not yet listed:
+# SHIFTADD_GPU_VALIDATED=cuda,triton (read at import).
+_extra = {b.strip().lower() for b in os.environ.get("SHIFTADD_GPU_VALIDATED", "").split(",") if b.strip()}
+if _extra - {"cuda", "triton"}:
+    raise ValueError(f"SHIFTADD_GPU_VALIDATED={os.environ['SHIFTADD_GPU_VALIDATED']!r}: only cuda and triton are GPU backends")
+GPU_VALIDATED = GPU_VALIDATED | frozenset(_extra)
 
 
 class BackendUnavailable(RuntimeError):

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU validation run (on a machine with a CUDA GPU, torch with CUDA, nvcc and ninja):
+# build the extension for this GPU, run the GPU-marked tests, compute-sanitizer memcheck
+# on a subset, and the benchmarks.  Logs go to $LOGS (default ./gpu-logs), one file per
+# step; each step has its own time limit so one slow step cannot swallow the others.
+#   STEPS="build info tests sanitizer adder shift nas"  (default: all, in this order)
+#   TEST_ARGS="..."  extra pytest arguments for the tests step
+# Uses the python on PATH (no virtual environment: the GPU image's torch is used as is).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOGS=${LOGS:-$PWD/gpu-logs}
+mkdir -p "$LOGS"
+STEPS=${STEPS:-"build info tests sanitizer adder shift nas"}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0))s"
+  tail -n "${TAIL:-15}" "$LOGS/$name.log"
+  return 0
+}
+
+for s in $STEPS; do
+  case $s in
+    build) step build 300 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+             "$PY" -m pip install -v --no-build-isolation --no-deps -e . ;;
+    info) step info 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)'; $PY -m shiftadd.info" ;;
+    tests) step tests "${TEST_LIMIT:-300}" "$PY" -m pytest -q -m gpu -p no:cacheprovider -n "${XDIST:-8}" \
+             --timeout 240 -rfE ${TEST_ARGS:-} tests ;;
+    sanitizer) step sanitizer "${SAN_LIMIT:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+                 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py \
+                 -k "odd_shapes_float32 or every_parameter_combination or empty or beyond_65535 or quantizers" ;;
+    adder) step adder "${ADDER_LIMIT:-240}" "$PY" benchmarks/bench_adder.py --device cuda --json "$LOGS/bench_adder.json" ;;
+    shift) step shift "${SHIFT_LIMIT:-150}" "$PY" benchmarks/bench_shift.py --device cuda ;;
+    nas) step nas "${NAS_LIMIT:-240}" "$PY" benchmarks/bench_nas.py --device cuda ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
