@@ -31,7 +31,7 @@ for s in $STEPS; do
     build) step build 300 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
              "$PY" -m pip install -v --no-build-isolation --no-deps -e . ;;
     info) step info 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)'; $PY -m shiftadd.info" ;;
-    tests) step tests "${TEST_LIMIT:-300}" "$PY" -m pytest -q -m gpu -p no:cacheprovider -n "${XDIST:-8}" \
+    tests) step tests "${TEST_LIMIT:-300}" "$PY" -m pytest -v -m gpu -p no:cacheprovider -n "${XDIST:-8}" \
              --timeout 240 -rfE ${TEST_ARGS:-} tests ;;
     sanitizer) step sanitizer "${SAN_LIMIT:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
                  "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py \
