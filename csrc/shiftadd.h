@@ -84,6 +84,38 @@ inline void check_round_to_fixed(const char* op, const at::Tensor& x, int64_t in
   TORCH_CHECK(frac_bits >= 0 && frac_bits <= 64, op, ": frac_bits must be in [0, 64], got ", frac_bits);
 }
 
+// Arguments of the packed power-of-two linear (layout: shiftadd/packed.py), shared by the
+// CPU and CUDA implementations; returns the bytes per row of codes.  Devices are the
+// caller's to check.
+inline int64_t check_packed(const char* op, const at::Tensor& codes, const at::Tensor& scales,
+                            const at::Tensor& zero_codes, int64_t bits, int64_t O, int64_t K) {
+  TORCH_CHECK(bits == 4 || bits == 8 || bits == 16, op, ": bits must be 4, 8 or 16, got ", bits);
+  TORCH_CHECK(O >= 0 && K >= 0, op, ": out_features and in_features must be >= 0, got ", O, ", ", K);
+  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == at::kInt, op, ": scales must be int32, got ", scales.scalar_type());
+  TORCH_CHECK(zero_codes.scalar_type() == at::kInt, op, ": zero_codes must be int32, got ", zero_codes.scalar_type());
+  const int64_t rb = bits == 4 ? (K + 1) / 2 : K * (bits / 8);
+  TORCH_CHECK(codes.dim() == 2 && codes.size(0) == O && codes.size(1) == rb, op, ": codes must have shape (", O, ", ",
+              rb, ") for ", O, "x", K, " ", bits, "-bit codes, got ", codes.sizes());
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == O, op, ": scales must have shape (", O, ",), got ",
+              scales.sizes());
+  TORCH_CHECK(zero_codes.dim() == 1 && zero_codes.size(0) == O, op, ": zero_codes must have shape (", O, ",), got ",
+              zero_codes.sizes());
+  return rb;
+}
+
+// x (N, K) floating point and bias (O,) of x's dtype, for the packed linear.
+inline void check_packed_input(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t O,
+                               int64_t K) {
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, op, ": x must be (N, ", K, "), got ", x.sizes());
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+              " does not match x dtype ", x.scalar_type());
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == O, op, ": bias must have shape (", O, ",), got ", bias->sizes());
+  TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(), ", x on ", x.device());
+}
+
 // Builds and validates the conv geometry; `op` names the operator in error messages.
 inline Geom make_conv_geom(const char* op, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {

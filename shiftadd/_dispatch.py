@@ -60,6 +60,11 @@ DTYPES = {
 # Order on CUDA (AUTO_ORDER): cuda before triton, because cuda's forward was faster on every
 # benchmark shape of that run (1.05-2.1x).
 GPU_VALIDATED: frozenset = frozenset({"cuda"})
+# (backend, family) pairs of a validated backend whose kernels have not yet run on a GPU:
+# `auto` skips them until a GPU run passes their tests (tests/test_cuda.py) and measures them.
+GPU_NOT_YET_RUN: dict = {
+    ("cuda", "shift_linear_packed"): "its packed GEMV kernel (2026-11-22) is compile-checked but has not run on a GPU",
+}
 # A validation run on a new GPU or toolkit can let `auto` use backends not yet listed:
 # SHIFTADD_GPU_VALIDATED=cuda,triton (read at import).
 _extra = {b.strip().lower() for b in os.environ.get("SHIFTADD_GPU_VALIDATED", "").split(",") if b.strip()}
@@ -226,14 +231,17 @@ def select(family: str, x: torch.Tensor) -> str:
                                      f"{x.device} {x.dtype}: {reason}")
         return forced
     for name in AUTO_ORDER.get(x.device.type, ("reference",)):
-        if why_not(name, family, x.device, x.dtype) is None and auto_eligible(name):
+        if why_not(name, family, x.device, x.dtype) is None and auto_eligible(name, family):
             return name
     return "reference"
 
 
-def auto_eligible(name: str) -> bool:
-    """CPU backends always; GPU backends once validated on a GPU (GPU_VALIDATED)."""
-    return name in ("cpu", "reference") or name in GPU_VALIDATED
+def auto_eligible(name: str, family: str | None = None) -> bool:
+    """CPU backends always; GPU backends once validated on a GPU (GPU_VALIDATED), except
+    the families listed in GPU_NOT_YET_RUN."""
+    if name in ("cpu", "reference"):
+        return True
+    return name in GPU_VALIDATED and (name, family) not in GPU_NOT_YET_RUN
 
 
 def get_op(family: str, x: torch.Tensor):
@@ -248,7 +256,7 @@ def explain(device: str | torch.device = "cpu", family: str = "adder_conv2d",
     device = torch.device(device)
     out = {name: why_not(name, family, device, dtype) for name in BACKENDS}
     order = AUTO_ORDER.get(device.type, ("reference",))
-    out["auto"] = next((n for n in order if out[n] is None and auto_eligible(n)), "reference")
+    out["auto"] = next((n for n in order if out[n] is None and auto_eligible(n, family)), "reference")
     return out
 
 

@@ -27,7 +27,7 @@ Quantizer families (elementwise, contiguous output of the input's shape and dtyp
 ``quantize_pot_q``, ``quantize_pot_ps``, ``round_to_fixed``.
 
 Packed power-of-two families (inference only; layout in shiftadd/packed.py; backends
-"cpu" and "reference"): ``shift_linear_packed`` x (N, K) float -> (N, O) x's dtype;
+"cpu", "reference", and "cuda" / "triton" for the float one): ``shift_linear_packed`` x (N, K) float -> (N, O) x's dtype;
 ``shift_linear_int`` x_int (N, K) signed integer -> (N, O) int64, bit-exact shifts.
 """
 
@@ -72,7 +72,7 @@ SCHEMAS = {**ADDER_SCHEMAS, **QUANT_SCHEMAS, **PACKED_SCHEMAS}
 # the dispatcher with that reason.
 FAMILIES = {
     "cpu": tuple(SCHEMAS),
-    "cuda": tuple(f for f in SCHEMAS if f not in PACKED_SCHEMAS),
+    "cuda": tuple(f for f in SCHEMAS if f != "shift_linear_int"),
     "triton": (*ADDER_SCHEMAS, *QUANT_SCHEMAS, "shift_linear_packed"),
     "reference": tuple(SCHEMAS),
 }

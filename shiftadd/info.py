@@ -31,6 +31,8 @@ def report() -> str:
     lines.append(f"forced backend: {_dispatch.forced_backend()} (SHIFTADD_BACKEND / shiftadd.use_backend)")
     validated = ", ".join(sorted(_dispatch.GPU_VALIDATED)) or "none yet (not run on a GPU; force one to use it)"
     lines.append(f"GPU backends auto may choose: {validated}")
+    for (name, family), why in sorted(_dispatch.GPU_NOT_YET_RUN.items()):
+        lines.append(f"  except {name} for {family}: {why}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         lines.append("")

@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import RTOL, rel_err
 
 from shiftadd import _dispatch, _ops
@@ -439,3 +440,56 @@ def test_quantizers_reject_bad_arguments():
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), \
         f"exit status {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+
+
+# --------------------------------------------------------------------------------------
+# packed power-of-two linear: the GEMV kernel (4-bit codes, K % 8 == 0, batch <= 16) and
+# the decode + cuBLAS path (everything else)
+# --------------------------------------------------------------------------------------
+
+PACKED_CASES = [  # (O, K, code bits, exponent span, top exponent, fraction of zeros)
+    (7, 8, 4, 7, 0, 0), (37, 1000, 4, 6, -3, 0.1), (129, 264, 4, 7, 2, 0.1), (16, 1001, 4, 6, 0, 0.1),
+    (11, 67, 8, 100, 0, 0.1), (5, 24, 16, 300, 40, 0.1), (3, 40, 4, 6, -100, 0.1),
+]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 16, 17, 64])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_linear_matches_dense(case, n, dtype):
+    from test_packed import args_of, random_pot
+
+    from shiftadd.packed import pack_pot
+
+    o, k, bits, span, top, zeros = case
+    gen = torch.Generator().manual_seed(o * 1000 + k + n)
+    w = random_pot(o, k, gen, span, top, zeros, dtype=torch.float64 if bits == 16 else torch.float32)
+    p = pack_pot(w, code_bits=bits).to(DEV)
+    x = torch.randn(n, k, generator=gen).to(DEV, dtype)
+    bias = torch.randn(o, generator=gen).to(DEV, dtype)
+    for b in (bias, None):
+        y = cuda_op("shift_linear_packed")(x, *args_of(p), b)
+        want = F.linear(x.double(), w.to(DEV).float().double(), None if b is None else b.double())
+        assert y.dtype == dtype and y.shape == (n, o) and y.device.type == "cuda"
+        if n and not (dtype == torch.float16 and want.abs().max() > 6e4):  # beyond float16's range
+            assert rel_err(y, want) <= RTOL[dtype], (case, n, dtype)
+
+
+def test_packed_linear_strided_x_and_unaligned_codes():
+    from test_packed import args_of, random_pot
+
+    from shiftadd.packed import pack_pot
+
+    gen = torch.Generator().manual_seed(5)
+    w = random_pot(40, 96, gen, 7, 0, 0.1)
+    p = pack_pot(w, code_bits=4).to(DEV)
+    base = torch.randn(6, 200, generator=gen).to(DEV)
+    x = base[:, 3:99]  # row stride 200, not 16-byte aligned
+    want = F.linear(x.double(), w.to(DEV).double())
+    assert rel_err(cuda_op("shift_linear_packed")(x, *args_of(p), None), want) <= RTOL[torch.float32]
+    # codes at an odd address: the decode + cuBLAS path
+    store = torch.zeros(p.codes.numel() + 1, dtype=torch.uint8, device=DEV)
+    codes = store[1:].view(p.codes.shape)
+    codes.copy_(p.codes)
+    y = cuda_op("shift_linear_packed")(x, codes, p.scales, p.zero_codes, p.bits, p.out_features, p.in_features, None)
+    assert rel_err(y, want) <= RTOL[torch.float32]

@@ -126,3 +126,9 @@ def test_gpu_backends_are_chosen_only_once_validated(monkeypatch):
     assert _dispatch.select("adder_linear", x) == "reference"
     monkeypatch.setattr(_dispatch, "GPU_VALIDATED", frozenset({"triton"}))
     assert _dispatch.select("adder_linear", x) == "triton"
+    monkeypatch.setattr(_dispatch, "GPU_VALIDATED", frozenset({"cuda", "triton"}))
+    monkeypatch.setattr(_dispatch, "GPU_NOT_YET_RUN", {})
+    assert _dispatch.select("shift_linear_packed", x) == "cuda"
+    monkeypatch.setattr(_dispatch, "GPU_NOT_YET_RUN", {("cuda", "shift_linear_packed"): "not run"})
+    assert _dispatch.select("shift_linear_packed", x) == "triton"  # the next in order
+    assert _dispatch.select("adder_linear", x) == "cuda"  # other families of the backend are not affected

@@ -312,18 +312,7 @@ void gemm_tiled(const Packed& P, const at::Tensor& x, at::Tensor& y, const c10::
 
 Packed make_packed(const char* op, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zero_codes,
                    int64_t bits, int64_t O, int64_t K) {
-  TORCH_CHECK(bits == 4 || bits == 8 || bits == 16, op, ": bits must be 4, 8 or 16, got ", bits);
-  TORCH_CHECK(O >= 0 && K >= 0, op, ": out_features and in_features must be >= 0, got ", O, ", ", K);
-  TORCH_CHECK(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes.scalar_type());
-  TORCH_CHECK(scales.scalar_type() == at::kInt, op, ": scales must be int32, got ", scales.scalar_type());
-  TORCH_CHECK(zero_codes.scalar_type() == at::kInt, op, ": zero_codes must be int32, got ", zero_codes.scalar_type());
-  const int64_t rb = bits == 4 ? (K + 1) / 2 : K * (bits / 8);
-  TORCH_CHECK(codes.dim() == 2 && codes.size(0) == O && codes.size(1) == rb, op, ": codes must have shape (", O, ", ",
-              rb, ") for ", O, "x", K, " ", bits, "-bit codes, got ", codes.sizes());
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == O, op, ": scales must have shape (", O, ",), got ",
-              scales.sizes());
-  TORCH_CHECK(zero_codes.dim() == 1 && zero_codes.size(0) == O, op, ": zero_codes must have shape (", O, ",), got ",
-              zero_codes.sizes());
+  const int64_t rb = check_packed(op, codes, scales, zero_codes, bits, O, K);
   for (const at::Tensor* t : {&codes, &scales, &zero_codes})
     TORCH_CHECK(t->device().is_cpu(), op, ": the packed weight must be on the CPU for the cpu backend, got ",
                 t->device());
@@ -342,16 +331,8 @@ at::Tensor shift_linear_packed(const at::Tensor& x, const at::Tensor& codes, con
                                const at::Tensor& zero_codes, int64_t bits, int64_t out_features, int64_t in_features,
                                const c10::optional<at::Tensor>& bias) {
   const char* op = "shiftadd::shift_linear_packed";
-  TORCH_CHECK(x.is_floating_point(), op, ": x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor for the cpu backend, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, op, ": x must be (N, ", in_features, "), got ", x.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
-                " does not match x dtype ", x.scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape (", out_features,
-                ",), got ", bias->sizes());
-    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got ", bias->device());
-  }
+  check_packed_input(op, x, bias, out_features, in_features);
   const at::Tensor cc = codes.contiguous(), sc = scales.contiguous(), zc = zero_codes.contiguous();
   const Packed P = make_packed(op, cc, sc, zc, bits, out_features, in_features);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -89,5 +89,23 @@ cudaError_t quantize_pot_ps(DType dt, const void* shift, const void* sign, const
 cudaError_t round_to_fixed(DType dt, const void* x, void* out, int64_t n, int int_bits, int frac_bits,
                            cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------
+// Packed power-of-two linear (layout: shiftadd/packed.py; csrc/cuda/shift_packed_kernels.cu).
+// codes (O, row_bytes) uint8, scales and zero_codes (O,) int32, all contiguous.
+//
+// packed_gemv: y[n, o] = sum_k x[n, k] w[o, k] (+ bias[o]) for 4-bit codes and small
+// batches; x (N, K) with row stride sxn and unit column stride, y (N, O) with row stride
+// syn, bias (O,) or nullptr, all of dtype dt (float32, float16 or bfloat16; float32
+// accumulation).  Only where packed_gemv_supported says so (else cudaErrorInvalidValue).
+constexpr int64_t kPackedGemvMaxBatch = 16;
+bool packed_gemv_supported(int bits, int64_t N, int64_t O, int64_t K, const void* codes, int64_t row_bytes);
+cudaError_t packed_gemv(DType dt, const void* x, int64_t sxn, const uint8_t* codes, int64_t row_bytes,
+                        const int32_t* scales, const int32_t* zero_codes, const void* bias, void* y, int64_t syn,
+                        int64_t N, int64_t O, int64_t K, cudaStream_t stream);
+// packed_decode: the dense weight w (O, K), contiguous, of dtype dt (float32, float16 or
+// bfloat16), exact powers of two (0 below the dtype's range, inf above); any code width.
+cudaError_t packed_decode(DType dt, const uint8_t* codes, int64_t row_bytes, const int32_t* scales,
+                          const int32_t* zero_codes, int bits, void* w, int64_t O, int64_t K, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace shiftadd
