@@ -3,7 +3,8 @@
 # build the extension for this GPU, run the GPU-marked tests, compute-sanitizer memcheck
 # on a subset, and the benchmarks.  Logs go to $LOGS (default ./gpu-logs), one file per
 # step; each step has its own time limit so one slow step cannot swallow the others.
-#   STEPS="build info tests sanitizer adder shift nas"  (default: all, in this order)
+#   STEPS="build info tests sanitizer adder shift nas"  (default: all, in this order;
+#          also "crash": the backtrace of the open quantizer bad-argument crash)
 #   TEST_ARGS="..."  extra pytest arguments for the tests step
 # Uses the python on PATH (no virtual environment: the GPU image's torch is used as is).
 set -uo pipefail
@@ -32,13 +33,16 @@ for s in $STEPS; do
              "$PY" -m pip install -v --no-build-isolation --no-deps -e . ;;
     info) step info 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)'; $PY -m shiftadd.info" ;;
     tests) step tests "${TEST_LIMIT:-300}" "$PY" -m pytest -v -m gpu -p no:cacheprovider -n "${XDIST:-8}" \
-             --timeout 240 -rfE ${TEST_ARGS:-} tests ;;
+             --timeout 120 -rfE ${TEST_ARGS:-} tests ;;
     sanitizer) step sanitizer "${SAN_LIMIT:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
                  "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py \
                  -k "odd_shapes_float32 or every_parameter_combination or empty or beyond_65535 or quantizers" ;;
     adder) step adder "${ADDER_LIMIT:-240}" "$PY" benchmarks/bench_adder.py --device cuda --json "$LOGS/bench_adder.json" ;;
     shift) step shift "${SHIFT_LIMIT:-150}" "$PY" benchmarks/bench_shift.py --device cuda ;;
     nas) step nas "${NAS_LIMIT:-240}" "$PY" benchmarks/bench_nas.py --device cuda ;;
+    crash) step crash 120 bash -c "readelf -x .eh_frame_hdr shiftadd/_C*.so | sed -n 3p; \
+             TORCH_SHOW_CPP_STACKTRACES=1 $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'; \
+             cuda-gdb -batch -ex run -ex bt --args $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'" ;;
     *) echo "unknown step $s" ;;
   esac
 done
