@@ -475,7 +475,8 @@ def test_packed_linear_matches_dense(case, n, dtype):
             assert rel_err(y, want) <= RTOL[dtype], (case, n, dtype)
 
 
-def test_packed_linear_strided_x_and_unaligned_codes():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_linear_strided_x_and_unaligned_codes(dtype):
     from test_packed import args_of, random_pot
 
     from shiftadd.packed import pack_pot
@@ -483,13 +484,30 @@ def test_packed_linear_strided_x_and_unaligned_codes():
     gen = torch.Generator().manual_seed(5)
     w = random_pot(40, 96, gen, 7, 0, 0.1)
     p = pack_pot(w, code_bits=4).to(DEV)
-    base = torch.randn(6, 200, generator=gen).to(DEV)
-    x = base[:, 3:99]  # row stride 200, not 16-byte aligned
-    want = F.linear(x.double(), w.to(DEV).double())
-    assert rel_err(cuda_op("shift_linear_packed")(x, *args_of(p), None), want) <= RTOL[torch.float32]
+    base = torch.randn(6, 200, generator=gen).to(DEV, dtype)
+    for x in (base[:, 3:99], base[:, 8:104]):  # row stride 200; the first not 16-byte aligned
+        want = F.linear(x.double(), w.to(DEV).double())
+        assert rel_err(cuda_op("shift_linear_packed")(x, *args_of(p), None), want) <= RTOL[dtype]
     # codes at an odd address: the decode + cuBLAS path
     store = torch.zeros(p.codes.numel() + 1, dtype=torch.uint8, device=DEV)
     codes = store[1:].view(p.codes.shape)
     codes.copy_(p.codes)
     y = cuda_op("shift_linear_packed")(x, codes, p.scales, p.zero_codes, p.bits, p.out_features, p.in_features, None)
-    assert rel_err(y, want) <= RTOL[torch.float32]
+    assert rel_err(y, want) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("shift", [130, -150])
+def test_packed_linear_weights_beyond_float32_like_the_reference(shift):
+    """Channel exponents that put decoded weights past float32's range: inf or 0 weights,
+    as the reference decodes, on the GEMV path (n <= 16) and the decode path (n = 17)."""
+    from test_packed import args_of, random_pot
+
+    from shiftadd.packed import pack_pot
+
+    gen = torch.Generator().manual_seed(9)
+    p = pack_pot(random_pot(24, 64, gen, 7, 0, 0.1), code_bits=4).to(DEV)
+    p.scales = p.scales + shift
+    for n in (16, 17):
+        x = torch.randn(n, 64, generator=gen).to(DEV)
+        y = cuda_op("shift_linear_packed")(x, *args_of(p), None)
+        torch.testing.assert_close(y, ref_op("shift_linear_packed")(x, *args_of(p), None), equal_nan=True)

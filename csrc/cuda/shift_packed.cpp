@@ -4,8 +4,8 @@
 //
 // 4-bit codes, K % 8 == 0, batch <= 16: the packed GEMV kernel (codes read once, decoded in
 // registers).  Everything else (8/16-bit codes, odd K, larger batches): the weight is
-// decoded once per call into x's dtype (float32 for float16 x, whose range could not hold
-// every weight) and multiplied by cuBLAS.
+// decoded once per call into float32 (every weight exact, as the reference decodes) and
+// multiplied by cuBLAS in float32.
 
 #include <cstdint>
 
@@ -64,7 +64,7 @@ at::Tensor shift_linear_packed(const at::Tensor& x, const at::Tensor& codes, con
                                     N, O, K, stream));
     return y;
   }
-  const at::ScalarType wt = x.scalar_type() == at::kHalf ? at::kFloat : x.scalar_type();
+  const at::ScalarType wt = at::kFloat;  // every decoded weight exactly, as the reference
   at::Tensor w = at::empty({O, K}, x.options().dtype(wt));
   check_launch(op, k::packed_decode(compute_dtype(op, wt), cc.const_data_ptr<uint8_t>(), rb,
                                     sc.const_data_ptr<int32_t>(), zc.const_data_ptr<int32_t>(), (int)bits,

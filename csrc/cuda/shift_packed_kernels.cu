@@ -38,9 +38,20 @@ __device__ __forceinline__ float load_f(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float load_f(const __half* p) { return __half2float(__ldg(p)); }
 __device__ __forceinline__ float load_f(const __nv_bfloat16* p) { return __bfloat162float(__ldg(p)); }
 
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
 __device__ __forceinline__ void store_f(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_f(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store_f(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// 2^e exactly in float (0 below the subnormal range, inf above)
+__device__ __forceinline__ float pow2f(int e) {
+  if (e > 127) return __int_as_float(0x7f800000);
+  if (e >= -126) return __int_as_float((e + 127) << 23);
+  if (e >= -149) return __int_as_float(1 << (e + 149));
+  return 0.0f;
+}
 
 // 8 consecutive x values (x + k, k % 8 == 0, rows 16-byte aligned when the launcher says so)
 template <typename T>
@@ -57,7 +68,7 @@ __device__ __forceinline__ void load8(const T* p, bool vec, float (&v)[8]) {
       const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
       const T* h = reinterpret_cast<const T*>(&u);
 #pragma unroll
-      for (int j = 0; j < 8; j++) v[j] = load_f(h + j);  // from registers
+      for (int j = 0; j < 8; j++) v[j] = to_f(h[j]);  // from registers (not __ldg: u is local)
       return;
     }
   }
@@ -74,14 +85,16 @@ __global__ void __launch_bounds__(kWarps * 32)
   __shared__ float table[kWarps][kRows][16];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int o_base = (blockIdx.x * kWarps + warp) * kRows;
-  // the channel tables: code c -> +-2^-(c & 7), 0 at the zero code
+  // the channel tables: code c -> +-2^(E - (c & 7)) as float32 (0 below its range, inf
+  // above, as packed_decode and the reference decode), 0 at the zero code
   if (lane < 16) {
 #pragma unroll
     for (int r = 0; r < kRows; r++) {
       const int o = o_base + r;
       const int z = o < O ? __ldg(zc + o) : -1;
-      const int m = lane & 7;
-      const float mag = __int_as_float((127 - m) << 23);
+      int e = o < O ? __ldg(scales + o) : 0;
+      e = e < -1000 ? -1000 : (e > 1000 ? 1000 : e);
+      const float mag = pow2f(e - (lane & 7));
       table[warp][r][lane] = lane == z ? 0.0f : ((lane & 8) ? -mag : mag);
     }
   }
@@ -129,15 +142,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int r = 0; r < kRows; r++) {
       const int o = o_base + r;
       if (o >= O) continue;
-      int e = __ldg(scales + o);
-      e = e < -1022 ? -1022 : (e > 1023 ? 1023 : e);
-      const double s = __longlong_as_double((long long)(e + 1023) << 52);
       const float bo = bias != nullptr ? load_f(bias + o) : 0.0f;
 #pragma unroll
-      for (int b = 0; b < NB; b++) {
-        const float v = __double2float_rn((double)acc[r][b] * s);
-        store_f(y + (int64_t)(n0 + b) * syn + o, bias != nullptr ? v + bo : v);
-      }
+      for (int b = 0; b < NB; b++) store_f(y + (int64_t)(n0 + b) * syn + o, bias != nullptr ? acc[r][b] + bo : acc[r][b]);
     }
   }
 }
@@ -162,14 +169,6 @@ cudaError_t launch_gemv(const void* x, int64_t sxn, const uint8_t* codes, int64_
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
-}
-
-// 2^e exactly in float (0 below the subnormal range, inf above)
-__device__ __forceinline__ float pow2f(int e) {
-  if (e > 127) return __int_as_float(0x7f800000);
-  if (e >= -126) return __int_as_float((e + 127) << 23);
-  if (e >= -149) return __int_as_float(1 << (e + 149));
-  return 0.0f;
 }
 
 template <typename T>
