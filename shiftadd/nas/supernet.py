@@ -77,9 +77,15 @@ class PiecewiseRemap(nn.Module):
     def bin_index(self, w: torch.Tensor, lo: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
         return ((w.detach() - lo) / width).floor().clamp_(0, self.bins - 1).long()
 
+    @staticmethod
+    def _take(v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """v[b] through gather: the backward of v[b] (index_put_ with accumulate) adds with
+        atomics on the CPU, in an order that changes from run to run; gather's does not."""
+        return v.gather(0, b.reshape(-1)).view(b.shape)
+
     def _raw(self, w, lo, width, scale, starts):
         b = self.bin_index(w, lo, width)
-        return starts[b] + scale[b] * (w - (lo + b * width))
+        return self._take(starts, b) + self._take(scale, b) * (w - (lo + b * width))
 
     def forward(self, w: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         lo, width = self._grid(latent)
@@ -91,7 +97,7 @@ class PiecewiseRemap(nn.Module):
     def log_slope(self, w: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """log d remap / dw at each weight (for the change-of-variables entropy)."""
         lo, width = self._grid(latent)
-        return self.log_scale[self.bin_index(w, lo, width)]
+        return self._take(self.log_scale, self.bin_index(w, lo, width))
 
 
 def laplace_kl(remapped: torch.Tensor, log_slope: torch.Tensor, scale: float = LAPLACE_SCALE) -> torch.Tensor:
