@@ -449,17 +449,24 @@ def test_quantizers_reject_bad_arguments():
 
 PACKED_CASES = [  # (O, K, code bits, exponent span, top exponent, fraction of zeros)
     (7, 8, 4, 7, 0, 0), (37, 1000, 4, 6, -3, 0.1), (129, 264, 4, 7, 2, 0.1), (16, 1001, 4, 6, 0, 0.1),
-    (11, 67, 8, 100, 0, 0.1), (5, 24, 16, 300, 40, 0.1), (3, 40, 4, 6, -100, 0.1),
+    (11, 67, 8, 100, 0, 0.1), (5, 24, 16, 300, 40, 0.1), (3, 40, 4, 6, -100, 0.1), (300, 4104, 4, 6, 0, 0.1),
 ]
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 16, 17, 64])
 @pytest.mark.parametrize("case", PACKED_CASES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_packed_linear_matches_dense(case, n, dtype):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_packed_linear_matches_dense(backend, case, n, dtype):
+    """Both GPU backends (this file is otherwise about the cuda one): the Triton kernel's
+    split-K GEMV and tiled paths as well."""
     from test_packed import args_of, random_pot
 
     from shiftadd.packed import pack_pot
+
+    reason = _dispatch.why_not(backend, "shift_linear_packed", torch.device(DEV), dtype)
+    if reason is not None:
+        pytest.skip(reason)
 
     o, k, bits, span, top, zeros = case
     gen = torch.Generator().manual_seed(o * 1000 + k + n)
@@ -468,7 +475,7 @@ def test_packed_linear_matches_dense(case, n, dtype):
     x = torch.randn(n, k, generator=gen).to(DEV, dtype)
     bias = torch.randn(o, generator=gen).to(DEV, dtype)
     for b in (bias, None):
-        y = cuda_op("shift_linear_packed")(x, *args_of(p), b)
+        y = _ops.op(backend, "shift_linear_packed")(x, *args_of(p), b)
         want = F.linear(x.double(), w.to(DEV).float().double(), None if b is None else b.double())
         assert y.dtype == dtype and y.shape == (n, o) and y.device.type == "cuda"
         if n and not (dtype == torch.float16 and want.abs().max() > 6e4):  # beyond float16's range

@@ -224,6 +224,7 @@ CASES = [  # (O, K, code bits, exponent span, top exponent, fraction of zeros); 
     (7, 1, 4, 7, 0, 0), (9, 33, 4, 7, 0, 0), (13, 129, 4, 6, -3, 0.1), (5, 16, 4, 7, 2, 0.1),
     (11, 67, 8, 100, 0, 0.1), (6, 31, 8, 127, -20, 0.1), (4, 8, 8, 3, 0, 0.5),
     (5, 23, 16, 300, 40, 0.1), (3, 40, 4, 6, -100, 0.1),
+    (20, 1048, 4, 6, 0, 0.1),  # Triton: the split-K GEMV with 3 splits, the last one shorter
 ]
 
 

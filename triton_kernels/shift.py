@@ -26,7 +26,9 @@ of a [BK, BO] weight tile, decodes them in registers to w' = ±2^-m (the channel
 2^E is factored out and applied to the fp32 accumulator at the end, so a 4-bit w' is
 exact even in float16), zeroes the zero code, and feeds w' with the x tile to ``tl.dot``:
 tensor cores for bfloat16 (and float16 with 4-bit codes), exact IEEE float32 otherwise.
-Bias is added in float32.
+Bias is added in float32.  4-bit codes with K % 8 == 0 and at most 16 rows of x take a
+split-K GEMV instead (``_packed_gemv_kernel``: codes read as 32-bit words, K split across
+programs, partial sums added up by ``_packed_epilogue_kernel``).
 """
 
 import math
@@ -204,6 +206,91 @@ def _packed_linear_kernel(x_ptr, codes_ptr, scales_ptr, zc_ptr, bias_ptr, y_ptr,
 _packed_linear = torch.library.wrap_triton(_packed_linear_kernel)
 
 
+# 4-bit codes, K % 8 == 0, at most 16 rows of x: a split-K GEMV.  The codes are read as
+# 32-bit words (8 codes, contiguous along K), and the K range is split across programs
+# so that even batch 1 keeps every SM streaming codes; the partial sums go to a float32
+# buffer that the epilogue kernel adds up, scales by 2^E and casts.
+_GEMV_MAX_ROWS = 16
+
+
+def _gemv_configs():
+    if _INTERPRET:
+        return [triton.Config({"BO": 16, "BKW": 4}, num_warps=1, num_stages=1)]
+    full = [triton.Config({"BO": bo, "BKW": bkw}, num_warps=w, num_stages=st)
+            for bo, bkw, w, st in ((64, 16, 4, 3), (128, 16, 4, 3), (64, 32, 4, 3), (32, 32, 4, 4), (128, 8, 4, 4))]
+    return full if _AUTOTUNE else full[:1]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N_BUCKET", "O", "KW", "DOT"])
+@triton.jit
+def _packed_gemv_kernel(x_ptr, w32_ptr, zc_ptr, part_ptr, N, O, KW, N_BUCKET, sxn, sxk, swo, kw_per,
+                        DOT: tl.constexpr, BO: tl.constexpr, BKW: tl.constexpr):
+    """part[s, n, o] = sum over words [s kw_per, (s + 1) kw_per) of x[n, k] w'[o, k]."""
+    BN: tl.constexpr = 16
+    BK: tl.constexpr = BKW * 8
+    pid_o = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    kw_lo = pid_s * kw_per
+    kw_hi = tl.minimum(kw_lo + kw_per, KW)
+    offs_o = pid_o * BO + tl.arange(0, BO)
+    mask_o = offs_o < O
+    offs_n = tl.arange(0, BN)
+    mask_n = offs_n < N
+    zc = tl.load(zc_ptr + offs_o, mask=mask_o, other=-1)
+    wrow = w32_ptr + offs_o.to(tl.int64) * swo
+    xrow = x_ptr + offs_n.to(tl.int64) * sxn
+    nib = 4 * tl.arange(0, 8)
+    acc = tl.zeros((BN, BO), dtype=tl.float32)
+    for kw in range(kw_lo, kw_hi, BKW):
+        offs_kw = kw + tl.arange(0, BKW)
+        mask_kw = offs_kw < kw_hi
+        words = tl.load(wrow[:, None] + offs_kw[None, :], mask=mask_o[:, None] & mask_kw[None, :], other=0)
+        c = tl.reshape((words[:, :, None] >> nib[None, None, :]) & 15, (BO, BK))  # code of k = 8 word + j
+        mag = ((127 - (c & 7)) << 23).to(tl.float32, bitcast=True)
+        w = tl.where(c >= 8, -mag, mag)
+        w = tl.where(c == zc[:, None], 0.0, w)
+        offs_k = kw * 8 + tl.arange(0, BK)
+        xt = tl.load(xrow[:, None] + offs_k[None, :] * sxk, mask=mask_n[:, None] & (offs_k < kw_hi * 8)[None, :],
+                     other=0.0)
+        if DOT == 0:
+            acc += tl.dot(xt.to(tl.float32), tl.trans(w), input_precision="ieee")
+        elif DOT == 1:
+            acc += tl.dot(xt.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+        else:
+            acc += tl.dot(xt.to(tl.float16), tl.trans(w.to(tl.float16)))
+    pptr = part_ptr + (pid_s * N + offs_n.to(tl.int64))[:, None] * O + offs_o[None, :]
+    tl.store(pptr, acc, mask=mask_n[:, None] & mask_o[None, :])
+
+
+@triton.jit
+def _packed_epilogue_kernel(part_ptr, scales_ptr, bias_ptr, y_ptr, N, O, SPLIT, syn, syo, HAS_BIAS: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """y[n, o] = (sum_s part[s, n, o]) 2^E[o] (+ bias[o]), as the one-pass kernel's end."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N * O
+    n = offs // O
+    o = offs % O
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * N * O + offs, mask=mask, other=0.0)
+    e = tl.load(scales_ptr + o, mask=mask, other=0).to(tl.int64)
+    e = tl.minimum(tl.maximum(e, -1022), 1023)
+    out = (acc.to(tl.float64) * ((e + 1023) << 52).to(tl.float64, bitcast=True)).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + o, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + n.to(tl.int64) * syn + o * syo, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_packed_gemv = torch.library.wrap_triton(_packed_gemv_kernel)
+_packed_epilogue = torch.library.wrap_triton(_packed_epilogue_kernel)
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter
+
+
 # --------------------------------------------------------------------------------------
 # launchers (the op schemas' arguments; shiftadd/_ops.py)
 # --------------------------------------------------------------------------------------
@@ -314,10 +401,25 @@ def shift_linear_packed(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     cc, sc, zc = codes.contiguous(), scales.contiguous(), zero_codes.contiguous()
     dot = 1 if x.dtype == torch.bfloat16 else 2 if (x.dtype == torch.float16 and bits == 4) else 0
 
+    n_bucket = 1 << max(0, (n - 1).bit_length())  # autotune per power-of-two batch size
+    if bits == 4 and k % 8 == 0 and n <= _GEMV_MAX_ROWS and cc.data_ptr() % 4 == 0:
+        kw = k // 8
+        # about 4 programs per SM at the narrowest tile (64 channels), each >= 64 words of K
+        split = max(1, min(triton.cdiv(4 * _num_sms(x.device), triton.cdiv(o, 64)), triton.cdiv(kw, 64)))
+        kw_per = triton.cdiv(kw, split)
+        split = triton.cdiv(kw, kw_per)
+        part = torch.empty((split, n, o), dtype=torch.float32, device=x.device)
+        _packed_gemv[lambda meta: (triton.cdiv(o, meta["BO"]), split)](
+            x, cc.view(torch.int32), zc, part, n, o, kw, n_bucket, x.stride(0), x.stride(1), rb // 4, kw_per, DOT=dot)
+        block = 256
+        _packed_epilogue[(triton.cdiv(n * o, block),)](part, sc, bias if bias is not None else sc, y, n, o, split,
+                                                       y.stride(0), y.stride(1), HAS_BIAS=bias is not None,
+                                                       BLOCK=block)
+        return y
+
     def grid(meta):
         return (triton.cdiv(o, meta["BO"]), triton.cdiv(n, meta["BN"]))
 
-    n_bucket = 1 << max(0, (n - 1).bit_length())  # autotune per power-of-two batch size
     _packed_linear[grid](x, cc, sc, zc, bias if bias is not None else sc, y, n, o, k, n_bucket, x.stride(0),
                          x.stride(1), rb, y.stride(0), y.stride(1), BITS=bits, DOT=dot, HAS_BIAS=bias is not None)
     return y
