@@ -4,7 +4,8 @@
 # on a subset, and the benchmarks.  Logs go to $LOGS (default ./gpu-logs), one file per
 # step; each step has its own time limit so one slow step cannot swallow the others.
 #   STEPS="build info tests sanitizer adder shift nas"  (default: all, in this order;
-#          also "crash": the backtrace of the open quantizer bad-argument crash)
+#          also "crash": the backtrace of the open quantizer bad-argument crash, and
+#          "ncu": Nsight Compute's basic set for the adder kernels of two benchmark shapes)
 #   TEST_ARGS="..."  extra pytest arguments for the tests step
 # Uses the python on PATH (no virtual environment: the GPU image's torch is used as is).
 set -uo pipefail
@@ -43,6 +44,16 @@ for s in $STEPS; do
     crash) step crash 120 bash -c "readelf -x .eh_frame_hdr shiftadd/_C*.so | sed -n 3p; \
              TORCH_SHOW_CPP_STACKTRACES=1 $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'; \
              cuda-gdb -batch -ex run -ex bt --args $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'" ;;
+    ncu) step ncu 240 ncu --set basic --clock-control none -k regex:"adder|packed" --launch-skip 2 --launch-count 6 \
+           "$PY" -c "
+import torch, shiftadd
+from shiftadd import _ops
+x = torch.randn(128, 16, 32, 32, device='cuda'); w = torch.randn(16, 16, 3, 3, device='cuda')
+xl = torch.randn(4096, 1024, device='cuda'); wl = torch.randn(4096, 1024, device='cuda')
+for _ in range(2):
+    _ops.op('cuda', 'adder_conv2d')(x, w, [1, 1], [1, 1], [1, 1], 1, 'addernet')
+    _ops.op('cuda', 'adder_linear')(xl, wl, 'addernet')
+torch.cuda.synchronize()" ;;
     *) echo "unknown step $s" ;;
   esac
 done
