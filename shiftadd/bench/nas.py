@@ -2,7 +2,9 @@
 
 * training: seconds per step (and per epoch: steps per epoch x the measured step time) of
   a ResNet-20 adder net (AdderNet recipe) at 32x32 (CIFAR-10 when --data-dir holds it,
-  else digits upscaled), with ``auto`` and with the ``reference`` backend forced;
+  else digits upscaled), with ``auto`` and with the ``reference`` backend forced, against
+  the same net built with nn.Conv2d (``/ conv net``; peak MB: CUDA memory of the steps
+  above what the model and data held before them);
 * search: wall time of the same small digits search (supernet training and evolution)
   under both.
 """
@@ -22,7 +24,7 @@ from .. import use_backend
 from .timing import environment, markdown_table
 
 
-def train_steps(device, data_dir, steps: int, batch: int, backend: str):
+def train_steps(device, data_dir, steps: int, batch: int, backend: str, variant: str = "adder"):
     from ..data import load_dataset, make_loaders
     from ..models import build_model
     from ..train import make_optimizer, recipe_for
@@ -32,11 +34,15 @@ def train_steps(device, data_dir, steps: int, batch: int, backend: str):
     else:
         splits, name = load_dataset("digits", upscale=32), "digits upscaled to 32x32"
     torch.manual_seed(0)
-    model = build_model("resnet20", "adder", splits.num_classes, splits.in_channels).to(device)
-    opt = make_optimizer(model, recipe_for("adder", splits.name))
+    model = build_model("resnet20", variant, splits.num_classes, splits.in_channels).to(device)
+    opt = make_optimizer(model, recipe_for(variant, splits.name))
     loaders = make_loaders(splits, batch, 0)
     it = iter(loaders.train)
     times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mem = torch.cuda.memory_allocated(device)
     with use_backend(backend):
         for i in range(steps + 1):
             try:
@@ -57,7 +63,9 @@ def train_steps(device, data_dir, steps: int, batch: int, backend: str):
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t)
     step = sorted(times)[len(times) // 2]
-    return {"data": name, "step_s": step, "steps_per_epoch": len(loaders.train), "epoch_s": step * len(loaders.train)}
+    peak = (torch.cuda.max_memory_allocated(device) - base_mem) / 2**20 if device.type == "cuda" else None
+    return {"data": name, "step_s": step, "steps_per_epoch": len(loaders.train), "epoch_s": step * len(loaders.train),
+            "peak_mb": peak}
 
 
 def search_time(device, backend: str):
@@ -82,15 +90,20 @@ def main(argv=None) -> int:
     print(f"# end to end, fast kernels versus reference ops, {device.type}: {environment(device)}\n")
     rows = []
     tr = {b: train_steps(device, a.data_dir, a.steps, a.batch, b) for b in ("auto", "reference")}
+    conv = train_steps(device, a.data_dir, a.steps, a.batch, "auto", variant="conv")
     for b, r in tr.items():
         rows.append({"job": f"ResNet-20 adder train, batch {a.batch}, {r['data']}", "backend": b,
                      "s/step": r["step_s"], "s/epoch": r["epoch_s"],
-                     "ref / this": tr["reference"]["step_s"] / r["step_s"]})
+                     "ref / this": tr["reference"]["step_s"] / r["step_s"], "/ conv net": r["step_s"] / conv["step_s"],
+                     "peak MB": r["peak_mb"]})
+    rows.append({"job": f"ResNet-20 conv (nn.Conv2d) train, batch {a.batch}, {conv['data']}", "backend": "-",
+                 "s/step": conv["step_s"], "s/epoch": conv["epoch_s"], "peak MB": conv["peak_mb"]})
     st = {b: search_time(device, b) for b in ("auto", "reference")}
     for b, t in st.items():
         rows.append({"job": "digits search (3 supernet epochs, 3 generations of 12)", "backend": b, "seconds": t,
                      "ref / this": st["reference"] / t})
-    print(markdown_table(rows, ["job", "backend", "s/step", "s/epoch", "seconds", "ref / this"]))
+    print(markdown_table(rows, ["job", "backend", "s/step", "s/epoch", "seconds", "ref / this", "/ conv net",
+                                "peak MB"]))
     print(f"\ns/epoch = steps per epoch ({tr['auto']['steps_per_epoch']}) x the median of {a.steps} measured steps.")
     return 0
 
