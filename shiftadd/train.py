@@ -382,10 +382,8 @@ def train(model: nn.Module, splits: Splits, epochs: Optional[int] = None, batch_
     if out_dir and is_main:
         os.makedirs(out_dir, exist_ok=True)
 
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
     cleanup = contextlib.ExitStack()
+    cleanup.enter_context(deterministic_algorithms())
     try:
         model.to(device)
         net = model
@@ -489,6 +487,18 @@ def train(model: nn.Module, splits: Splits, epochs: Optional[int] = None, batch_
         return hist
     finally:
         cleanup.close()
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside the block (the
+    deterministic CUDA scatter-add, for one), the previous setting restored after it."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 
 

@@ -462,6 +462,12 @@ class Search:
                            f"(lowest energy found: {lowest:.4f} uJ)")
 
     def run(self, resume: bool = False) -> dict:
+        from ..train import deterministic_algorithms
+
+        with deterministic_algorithms():  # e.g. the remap's gather backward on CUDA
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict:
         self._make_optimizers()
         self.check_budget()
         if not (resume and self.resume()):
