@@ -64,6 +64,7 @@ GPU_VALIDATED: frozenset = frozenset({"cuda"})
 # `auto` skips them until a GPU run passes their tests (tests/test_cuda.py) and measures them.
 GPU_NOT_YET_RUN: dict = {
     ("cuda", "shift_linear_packed"): "its packed GEMV kernel (2026-11-22) is compile-checked but has not run on a GPU",
+    ("triton", "shift_linear_packed"): "its split-K GEMV path (2026-11-22) ran only under the Triton interpreter",
 }
 # A validation run on a new GPU or toolkit can let `auto` use backends not yet listed:
 # SHIFTADD_GPU_VALIDATED=cuda,triton (read at import).

@@ -402,11 +402,14 @@ def shift_linear_packed(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     dot = 1 if x.dtype == torch.bfloat16 else 2 if (x.dtype == torch.float16 and bits == 4) else 0
 
     n_bucket = 1 << max(0, (n - 1).bit_length())  # autotune per power-of-two batch size
-    if bits == 4 and k % 8 == 0 and n <= _GEMV_MAX_ROWS and cc.data_ptr() % 4 == 0:
+    # storage_offset, not data_ptr: under torch.compile the launcher sees FunctionalTensors
+    # (allocations themselves are aligned)
+    if bits == 4 and k % 8 == 0 and n <= _GEMV_MAX_ROWS and cc.storage_offset() % 4 == 0:
         kw = k // 8
-        # about 4 programs per SM at the narrowest tile (64 channels), each >= 64 words of K
+        # about 4 programs per SM at the narrowest tile (64 channels), each >= 64 words of K,
+        # every split starting at a multiple of 32 words (aligned, vectorisable loads)
         split = max(1, min(triton.cdiv(4 * _num_sms(x.device), triton.cdiv(o, 64)), triton.cdiv(kw, 64)))
-        kw_per = triton.cdiv(kw, split)
+        kw_per = triton.cdiv(triton.cdiv(kw, split), 32) * 32
         split = triton.cdiv(kw, kw_per)
         part = torch.empty((split, n, o), dtype=torch.float32, device=x.device)
         _packed_gemv[lambda meta: (triton.cdiv(o, meta["BO"]), split)](
