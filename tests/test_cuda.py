@@ -519,3 +519,60 @@ def test_packed_linear_weights_beyond_float32_like_the_reference(shift):
         x = torch.randn(n, 64, generator=gen).to(DEV)
         y = cuda_op("shift_linear_packed")(x, *args_of(p), None)
         torch.testing.assert_close(y, ref_op("shift_linear_packed")(x, *args_of(p), None), equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------
+# every Triton launch configuration (the suite itself runs only the first of each list)
+# --------------------------------------------------------------------------------------
+
+_TRITON_CONFIG_CHECK = """
+import torch, shiftadd
+from shiftadd import _ops
+from shiftadd.packed import pack_pot
+
+def check(name, got, want, tol):
+    err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+
+t, r = (lambda f: _ops.op("triton", f)), (lambda f: _ops.op("reference", f))
+torch.manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    x, w = torch.randn(130, 70, device="cuda", dtype=dtype), torch.randn(45, 70, device="cuda", dtype=dtype)
+    g = torch.randn(130, 45, device="cuda", dtype=dtype)
+    check("linear", t("adder_linear")(x, w, "addernet"), r("adder_linear")(x, w, "addernet"), tol)
+    for mode in ("addernet", "exact"):
+        for fam in ("adder_linear_grad_input", "adder_linear_grad_weight"):
+            check(fam + " " + mode, t(fam)(g, x, w, mode), r(fam)(g, x, w, mode), tol)
+    xc, wc = torch.randn(3, 8, 11, 13, device="cuda", dtype=dtype), torch.randn(12, 4, 3, 3, device="cuda", dtype=dtype)
+    args = ([2, 1], [1, 2], [1, 2], 2)
+    y = r("adder_conv2d")(xc, wc, *args, "addernet")
+    check("conv", t("adder_conv2d")(xc, wc, *args, "addernet"), y, tol)
+    gc = torch.randn_like(y)
+    for mode in ("addernet", "exact"):
+        for fam in ("adder_conv2d_grad_input", "adder_conv2d_grad_weight"):
+            check(fam + " " + mode, t(fam)(gc, xc, wc, *args, mode), r(fam)(gc, xc, wc, *args, mode), tol)
+    e = torch.randint(-6, 1, (100, 1048), device="cuda").double()
+    wp = (torch.exp2(e) * torch.where(torch.rand(100, 1048, device="cuda") < 0.5, -1.0, 1.0)).float()
+    for bits in (4, 8):
+        p = pack_pot(wp, code_bits=bits)
+        a = (p.codes, p.scales, p.zero_codes, p.bits, p.out_features, p.in_features)
+        for n in (3, 20):
+            xp = torch.randn(n, 1048, device="cuda", dtype=dtype)
+            check(f"packed {bits}-bit n={n}", t("shift_linear_packed")(xp, *a, None), r("shift_linear_packed")(xp, *a, None), tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_every_triton_launch_config(index):
+    import os
+    import subprocess
+    import sys
+
+    reason = _dispatch.why_not("triton", "adder_linear", torch.device(DEV), torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+    env = dict(os.environ, SHIFTADD_TRITON_CONFIG=str(index))
+    r = subprocess.run([sys.executable, "-c", _TRITON_CONFIG_CHECK], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), f"config {index}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"

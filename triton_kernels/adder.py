@@ -49,11 +49,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._configs import choose
+
 GRAD_MODES = ("addernet", "exact")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_AUTOTUNE = os.environ.get("SHIFTADD_TRITON_AUTOTUNE", "1") != "0"
 _INT32_MAX = 2**31 - 1
 
 
@@ -69,13 +70,11 @@ def _config(bm, bn, bk, tm, tn, warps, stages):
 
 
 def _configs(full):
-    """`full` on a GPU; a single small config under TRITON_INTERPRET=1 (autotuning the
-    numpy interpreter would take minutes); only the first of `full` when
-    SHIFTADD_TRITON_AUTOTUNE=0 (the test suite sets it: its random shapes would each be
-    autotuned)."""
+    """`full` on a GPU, as triton_kernels/_configs.py chooses; a single small config under
+    TRITON_INTERPRET=1 (autotuning the numpy interpreter would take minutes)."""
     if _INTERPRET:
         return [_config(32, 32, 8, 4, 4, 2, 1)]
-    return full if _AUTOTUNE else full[:1]
+    return choose(full)
 
 
 # forward: BM rows x BN output channels, BK reduction step

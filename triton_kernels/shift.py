@@ -39,9 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._configs import choose
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_AUTOTUNE = os.environ.get("SHIFTADD_TRITON_AUTOTUNE", "1") != "0"  # 0: first config only (tests)
 _BLOCK = 1024
 
 # smallest 52-bit fraction f with (2^52 + f)^2 >= 2^105: round(log2 a) = e + [f >= _T52]
@@ -145,7 +146,7 @@ def _packed_configs():
             for bn, bo, bk, w, s in ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4),
                                      (16, 64, 256, 4, 3), (32, 64, 128, 4, 4), (64, 128, 64, 8, 3),
                                      (128, 128, 64, 8, 3), (128, 64, 64, 4, 3))]
-    return full if _AUTOTUNE else full[:1]
+    return choose(full)
 
 
 @triton.autotune(configs=_packed_configs(), key=["N_BUCKET", "O", "K", "BITS", "DOT"])
@@ -218,7 +219,7 @@ def _gemv_configs():
         return [triton.Config({"BO": 16, "BKW": 4}, num_warps=1, num_stages=1)]
     full = [triton.Config({"BO": bo, "BKW": bkw}, num_warps=w, num_stages=st)
             for bo, bkw, w, st in ((64, 16, 4, 3), (128, 16, 4, 3), (64, 32, 4, 3), (32, 32, 4, 4), (128, 8, 4, 4))]
-    return full if _AUTOTUNE else full[:1]
+    return choose(full)
 
 
 @triton.autotune(configs=_gemv_configs(), key=["N_BUCKET", "O", "KW", "DOT"])
