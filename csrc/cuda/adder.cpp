@@ -33,16 +33,6 @@ namespace {
 
 namespace k = ::shiftadd::cuda;
 
-k::DType adder_dtype(const char* op, const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return k::DType::Float32;
-    case at::kHalf: return k::DType::Float16;
-    case at::kBFloat16: return k::DType::BFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, op, ": the cuda backend computes in float32, float16 and bfloat16, got ", x.scalar_type());
-}
-
 // Kernel choice, for tests: SHIFTADD_CUDA_ALGO = auto (default) | tiled | direct.
 k::Algo algo_from_env() {
   const char* v = std::getenv("SHIFTADD_CUDA_ALGO");
@@ -109,7 +99,7 @@ at::Tensor grad_columns(const at::Tensor& grad, const Geom& g) {
 at::Tensor forward_impl(const char* op, const at::Tensor& x, const at::Tensor& w_in, const Geom& g, bool conv) {
   check_float_pair(op, x, w_in);
   check_device(op, x, "x");
-  const k::DType dt = adder_dtype(op, x);
+  const k::DType dt = compute_dtype(op, x.scalar_type());
   const k::ConvGeom cg = to_kernel_geom(g);
   check_sizes(op, cg);
   c10::cuda::CUDAGuard guard(x.device());
@@ -133,7 +123,7 @@ at::Tensor grad_input_impl(const char* op, const at::Tensor& grad, const at::Ten
   check_float_pair(op, x, w_in);
   check_device(op, x, "x");
   check_grad(op, grad, x, g);
-  const k::DType dt = adder_dtype(op, x);
+  const k::DType dt = compute_dtype(op, x.scalar_type());
   const k::ConvGeom cg = to_kernel_geom(g);
   check_sizes(op, cg);
   c10::cuda::CUDAGuard guard(x.device());
@@ -157,7 +147,7 @@ at::Tensor grad_input_impl(const char* op, const at::Tensor& grad, const at::Ten
 // Exact (sign) weight gradient, (O, Cg, kh, kw) or (O, K), contiguous, dtype of w.
 at::Tensor grad_weight_exact(const char* op, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w_in,
                              const Geom& g) {
-  const k::DType dt = adder_dtype(op, x);
+  const k::DType dt = compute_dtype(op, x.scalar_type());
   const k::ConvGeom cg = to_kernel_geom(g);
   check_sizes(op, cg);
   const at::Tensor w = w_in.contiguous();
@@ -205,7 +195,7 @@ at::Tensor adder_linear_grad_weight(const at::Tensor& grad, const at::Tensor& x,
   check_float_pair(op, x, w);
   check_device(op, x, "x");
   check_grad(op, grad, x, g);
-  adder_dtype(op, x);
+  compute_dtype(op, x.scalar_type());
   c10::cuda::CUDAGuard guard(x.device());
   if (mode == GradMode::Exact) return grad_weight_exact(op, grad, x, w, g);
   // sum_n g[n,o] (x[n,k] - w[o,k]) = (g^T x)[o,k] - w[o,k] * sum_n g[n,o]
@@ -242,7 +232,7 @@ at::Tensor adder_conv2d_grad_weight(const at::Tensor& grad, const at::Tensor& x,
   check_float_pair(op, x, w);
   check_device(op, x, "x");
   check_grad(op, grad, x, g);
-  adder_dtype(op, x);
+  compute_dtype(op, x.scalar_type());
   c10::cuda::CUDAGuard guard(x.device());
   if (mode == GradMode::Exact) return grad_weight_exact(op, grad, x, w, g);
   // sum_r g[r,o] (X[r,k] - W[o,k]): the first term is the convolution weight-gradient

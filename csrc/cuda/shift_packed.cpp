@@ -24,16 +24,6 @@ namespace {
 
 namespace k = ::shiftadd::cuda;
 
-k::DType compute_dtype(const char* op, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return k::DType::Float32;
-    case at::kHalf: return k::DType::Float16;
-    case at::kBFloat16: return k::DType::BFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, op, ": the cuda backend computes in float32, float16 and bfloat16, got ", t);
-}
-
 at::Tensor shift_linear_packed(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                                const at::Tensor& zero_codes, int64_t bits, int64_t out_features, int64_t in_features,
                                const c10::optional<at::Tensor>& bias) {
