@@ -9,9 +9,18 @@
 
 import os
 
+import torch
+
 AUTOTUNE = os.environ.get("SHIFTADD_TRITON_AUTOTUNE", "1") != "0"
 FORCED = os.environ.get("SHIFTADD_TRITON_CONFIG", "").strip()
 MAX_CONFIGS = 8  # the longest list (the packed linear's); SHIFTADD_TRITON_CONFIG=0..7 covers every config
+
+
+def num_sms(device) -> int:
+    """Multiprocessors of a CUDA device (split heuristics); 4 under the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
 def choose(full: list) -> list:

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._configs import choose
+from ._configs import choose, num_sms
 
 GRAD_MODES = ("addernet", "exact")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -448,11 +448,6 @@ def _taps(phase, pad, dil, stride, k):
     return 0, 1, 0
 
 
-def _num_sms(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter
-
 
 # --------------------------------------------------------------------------------------
 # Launch (x, weight 4-D; outputs preallocated by the public launchers)
@@ -506,7 +501,7 @@ def _launch_grad_weight_exact(geo, grad_out, x, weight):
         return x.new_zeros((geo.O, kg), dtype=torch.float32)
     # split the rows so that about two waves of programs of 64 x 64 outputs run
     tiles = geo.G * triton.cdiv(geo.Og, 64) * triton.cdiv(kg, 64)
-    splits = max(1, min(triton.cdiv(geo.R, 1024), triton.cdiv(2 * _num_sms(x.device), tiles), 65535))
+    splits = max(1, min(triton.cdiv(geo.R, 1024), triton.cdiv(2 * num_sms(x.device), tiles), 65535))
     chunk = triton.cdiv(triton.cdiv(geo.R, splits), 64) * 64
     splits = triton.cdiv(geo.R, chunk)
     part = x.new_empty((splits, geo.O, kg), dtype=torch.float32)

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._configs import choose
+from ._configs import choose, num_sms
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -286,11 +286,6 @@ _packed_gemv = torch.library.wrap_triton(_packed_gemv_kernel)
 _packed_epilogue = torch.library.wrap_triton(_packed_epilogue_kernel)
 
 
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter
-
 
 # --------------------------------------------------------------------------------------
 # launchers (the op schemas' arguments; shiftadd/_ops.py)
@@ -409,7 +404,7 @@ def shift_linear_packed(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
         kw = k // 8
         # about 4 programs per SM at the narrowest tile (64 channels), each >= 64 words of K,
         # every split starting at a multiple of 32 words (aligned, vectorisable loads)
-        split = max(1, min(triton.cdiv(4 * _num_sms(x.device), triton.cdiv(o, 64)), triton.cdiv(kw, 64)))
+        split = max(1, min(triton.cdiv(4 * num_sms(x.device), triton.cdiv(o, 64)), triton.cdiv(kw, 64)))
         kw_per = triton.cdiv(triton.cdiv(kw, split), 32) * 32
         split = triton.cdiv(kw, kw_per)
         part = torch.empty((split, n, o), dtype=torch.float32, device=x.device)
