@@ -215,6 +215,21 @@ def each_cpu_isa():
         _dispatch._C.set_cpu_isa(old)
 
 
+def each_isa_and_dtype(case, mode, env, algo, monkeypatch):
+    """For a CPU-algorithm test: forces `algo` through the environment variable `env`, then
+    on each instruction set and in float32 and float64 checks the forward of `case` against
+    the reference and yields (isa, dtype, x, w, args), x and w fresh copies to modify."""
+    if not cpu_isas():
+        pytest.skip("shiftadd._C not loaded")
+    monkeypatch.setenv(env, algo)
+    xs, ws, args, layout = case
+    for isa in each_cpu_isa():
+        for dtype in (torch.float32, torch.float64):
+            x, w = make(xs, dtype, "cpu", layout), make(ws, dtype, "cpu")
+            check_against_reference("cpu", "adder_conv2d", x, w, args, mode, dtype)
+            yield isa, dtype, x.clone(), w.clone(), args
+
+
 # shapes past every CPU tile size (rows > 96, k > 256, o > 32, k not a multiple of any block)
 LARGE_CASES = [
     ("adder_linear", (131, 301), (67, 301), ()),
@@ -253,23 +268,15 @@ def test_cpu_grad_input_algorithms(case, mode, algo, monkeypatch):
     """Both CPU grad-input algorithms (SHIFTADD_CPU_GRAD_INPUT forces one) on every ISA,
     against the reference, with NaN and inf on border pixels (the direct kernel's exact
     fallback) as well as finite inputs."""
-    if not cpu_isas():
-        pytest.skip("shiftadd._C not loaded")
-    monkeypatch.setenv("SHIFTADD_CPU_GRAD_INPUT", algo)
-    xs, ws, args, layout = case
-    for isa in each_cpu_isa():
-        for dtype in (torch.float32, torch.float64):
-            x, w = make(xs, dtype, "cpu", layout), make(ws, dtype, "cpu")
-            check_against_reference("cpu", "adder_conv2d", x, w, args, mode, dtype)
-            x = x.clone()
-            x[0, 0, 0, 0] = float("nan")
-            x[-1, -1, -1, -1] = float("inf")
-            g = torch.randn(op("reference", "adder_conv2d")(x, w, *args, mode).shape, dtype=dtype)
-            a = op("cpu", "adder_conv2d_grad_input")(g, x, w, *args, mode)
-            b = op("reference", "adder_conv2d_grad_input")(g.double(), x.double(), w.double(), *args, mode)
-            assert torch.equal(a.isnan(), b.isnan()), f"{isa} {dtype}: NaN positions differ"
-            fin = b.isfinite()
-            torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
+    for isa, dtype, x, w, args in each_isa_and_dtype(case, mode, "SHIFTADD_CPU_GRAD_INPUT", algo, monkeypatch):
+        x[0, 0, 0, 0] = float("nan")
+        x[-1, -1, -1, -1] = float("inf")
+        g = torch.randn(op("reference", "adder_conv2d")(x, w, *args, mode).shape, dtype=dtype)
+        a = op("cpu", "adder_conv2d_grad_input")(g, x, w, *args, mode)
+        b = op("reference", "adder_conv2d_grad_input")(g.double(), x.double(), w.double(), *args, mode)
+        assert torch.equal(a.isnan(), b.isnan()), f"{isa} {dtype}: NaN positions differ"
+        fin = b.isfinite()
+        torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("algo", ["gemm", "direct"])
@@ -278,24 +285,16 @@ def test_cpu_exact_grad_weight_algorithms(case, algo, monkeypatch):
     """Both CPU exact weight-gradient algorithms (SHIFTADD_CPU_GRAD_WEIGHT forces one) on
     every ISA against the reference, with NaN / inf in x and W (sign 0 / +-1) and in grad_out
     (the direct kernel leaves a non-finite grad_out to the GEMM path)."""
-    if not cpu_isas():
-        pytest.skip("shiftadd._C not loaded")
-    monkeypatch.setenv("SHIFTADD_CPU_GRAD_WEIGHT", algo)
-    xs, ws, args, layout = case
-    for isa in each_cpu_isa():
-        for dtype in (torch.float32, torch.float64):
-            x, w = make(xs, dtype, "cpu", layout), make(ws, dtype, "cpu")
-            check_against_reference("cpu", "adder_conv2d", x, w, args, "exact", dtype)
-            x, w = x.clone(), w.clone()
-            x[0, 0, 0, 0], x[-1, -1, -1, -1], w[0, 0, 0, 0] = float("nan"), float("inf"), float("-inf")
-            shape = op("reference", "adder_conv2d")(x, w, *args, "exact").shape
-            for g in (make(shape, dtype, "cpu", "strided"),
-                      torch.randn(shape, dtype=dtype).index_fill_(0, torch.tensor([0]), float("inf"))):
-                a = op("cpu", "adder_conv2d_grad_weight")(g, x, w, *args, "exact")
-                b = op("reference", "adder_conv2d_grad_weight")(g.double(), x.double(), w.double(), *args, "exact")
-                assert torch.equal(a.isnan(), b.isnan()), f"{isa} {dtype}: NaN positions differ"
-                fin = b.isfinite()
-                torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
+    for isa, dtype, x, w, args in each_isa_and_dtype(case, "exact", "SHIFTADD_CPU_GRAD_WEIGHT", algo, monkeypatch):
+        x[0, 0, 0, 0], x[-1, -1, -1, -1], w[0, 0, 0, 0] = float("nan"), float("inf"), float("-inf")
+        shape = op("reference", "adder_conv2d")(x, w, *args, "exact").shape
+        for g in (make(shape, dtype, "cpu", "strided"),
+                  torch.randn(shape, dtype=dtype).index_fill_(0, torch.tensor([0]), float("inf"))):
+            a = op("cpu", "adder_conv2d_grad_weight")(g, x, w, *args, "exact")
+            b = op("reference", "adder_conv2d_grad_weight")(g.double(), x.double(), w.double(), *args, "exact")
+            assert torch.equal(a.isnan(), b.isnan()), f"{isa} {dtype}: NaN positions differ"
+            fin = b.isfinite()
+            torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-4)
 
 
 def test_set_cpu_isa_rejects_unknown():

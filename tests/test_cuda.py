@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import RTOL, rel_err
+from test_packed import args_of, random_pot
 
 from shiftadd import _dispatch, _ops
+from shiftadd.packed import pack_pot
 
 
 def _unavailable():
@@ -460,10 +462,6 @@ PACKED_CASES = [  # (O, K, code bits, exponent span, top exponent, fraction of z
 def test_packed_linear_matches_dense(backend, case, n, dtype):
     """Both GPU backends (this file is otherwise about the cuda one): the Triton kernel's
     split-K GEMV and tiled paths as well."""
-    from test_packed import args_of, random_pot
-
-    from shiftadd.packed import pack_pot
-
     reason = _dispatch.why_not(backend, "shift_linear_packed", torch.device(DEV), dtype)
     if reason is not None:
         pytest.skip(reason)
@@ -485,10 +483,6 @@ def test_packed_linear_matches_dense(backend, case, n, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_packed_linear_strided_x_and_unaligned_codes(dtype):
-    from test_packed import args_of, random_pot
-
-    from shiftadd.packed import pack_pot
-
     gen = torch.Generator().manual_seed(5)
     w = random_pot(40, 96, gen, 7, 0, 0.1)
     p = pack_pot(w, code_bits=4).to(DEV)
@@ -508,10 +502,6 @@ def test_packed_linear_strided_x_and_unaligned_codes(dtype):
 def test_packed_linear_weights_beyond_float32_like_the_reference(shift):
     """Channel exponents that put decoded weights past float32's range: inf or 0 weights,
     as the reference decodes, on the GEMV path (n <= 16) and the decode path (n = 17)."""
-    from test_packed import args_of, random_pot
-
-    from shiftadd.packed import pack_pot
-
     gen = torch.Generator().manual_seed(9)
     p = pack_pot(random_pot(24, 64, gen, 7, 0, 0.1), code_bits=4).to(DEV)
     p.scales = p.scales + shift
