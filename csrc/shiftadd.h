@@ -59,15 +59,21 @@ inline void check_noise(const char* op, const at::Tensor& ref, const c10::option
   TORCH_CHECK(noise->device() == ref.device(), op, ": noise is on ", noise->device(), ", weight on ", ref.device());
 }
 
+inline void check_out_dtype(const char* op, const c10::optional<at::ScalarType>& out_dtype) {
+  TORCH_CHECK(!out_dtype.has_value() || at::isFloatingType(*out_dtype), op,
+              ": out_dtype must be a floating dtype or None, got ", *out_dtype);
+}
+
 inline void check_quantize_q(const char* op, const at::Tensor& weight, int64_t weight_bits,
-                             const c10::optional<at::Tensor>& noise) {
+                             const c10::optional<at::Tensor>& noise, const c10::optional<at::ScalarType>& out_dtype) {
   TORCH_CHECK(weight_bits >= 2 && weight_bits <= 8, op, ": weight_bits must be in [2, 8], got ", weight_bits);
   TORCH_CHECK(weight.is_floating_point(), op, ": weight must be floating point, got ", weight.scalar_type());
   check_noise(op, weight, noise);
+  check_out_dtype(op, out_dtype);
 }
 
 inline void check_quantize_ps(const char* op, const at::Tensor& shift, const at::Tensor& sign, int64_t weight_bits,
-                              const c10::optional<at::Tensor>& noise) {
+                              const c10::optional<at::Tensor>& noise, const c10::optional<at::ScalarType>& out_dtype) {
   TORCH_CHECK(weight_bits >= 2 && weight_bits <= 8, op, ": weight_bits must be in [2, 8], got ", weight_bits);
   TORCH_CHECK(shift.is_floating_point(), op, ": shift must be floating point, got ", shift.scalar_type());
   TORCH_CHECK(sign.scalar_type() == shift.scalar_type(), op, ": sign dtype ", sign.scalar_type(),
@@ -76,6 +82,7 @@ inline void check_quantize_ps(const char* op, const at::Tensor& shift, const at:
               shift.sizes());
   TORCH_CHECK(sign.device() == shift.device(), op, ": sign is on ", sign.device(), ", shift on ", shift.device());
   check_noise(op, shift, noise);
+  check_out_dtype(op, out_dtype);
 }
 
 inline void check_round_to_fixed(const char* op, const at::Tensor& x, int64_t int_bits, int64_t frac_bits) {

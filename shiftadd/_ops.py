@@ -24,7 +24,11 @@ Adder families (x, weight and grad_out share one floating dtype; output has x's 
 =============================  ==========================================================
 
 Quantizer families (elementwise, contiguous output of the input's shape and dtype):
-``quantize_pot_q``, ``quantize_pot_ps``, ``round_to_fixed``.
+``quantize_pot_q``, ``quantize_pot_ps``, ``round_to_fixed``.  The two weight quantizers
+take ``out_dtype`` (None: the input's dtype): the power-of-two weight is then written
+directly in that dtype (rounded once from the exact value; exact in bfloat16 and
+float32), so a float32 master weight is quantized and decoded to the compute dtype of a
+mixed-precision step in one pass.  Their gradients come back in the input's dtype.
 
 Packed power-of-two families (inference only; layout in shiftadd/packed.py; backends
 "cpu", "reference", and "cuda" / "triton" for the float one): ``shift_linear_packed`` x (N, K) float -> (N, O) x's dtype;
@@ -55,8 +59,8 @@ ADDER_SCHEMAS = {
 }
 
 QUANT_SCHEMAS = {
-    "quantize_pot_q": "(Tensor weight, int weight_bits, Tensor? noise) -> Tensor",
-    "quantize_pot_ps": "(Tensor shift, Tensor sign, int weight_bits, Tensor? noise) -> Tensor",
+    "quantize_pot_q": "(Tensor weight, int weight_bits, Tensor? noise, ScalarType? out_dtype=None) -> Tensor",
+    "quantize_pot_ps": "(Tensor shift, Tensor sign, int weight_bits, Tensor? noise, ScalarType? out_dtype=None) -> Tensor",
     "round_to_fixed": "(Tensor x, int int_bits, int frac_bits) -> Tensor",
 }
 
@@ -162,12 +166,19 @@ def _fake_adder_conv2d_grad_weight(grad_out, x, weight, stride, padding, dilatio
     return weight.new_empty(weight.shape)
 
 
-def _fake_quantize_pot_q(weight, weight_bits, noise):
-    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+def _check_out_dtype(name: str, out_dtype) -> None:
+    torch._check(out_dtype is None or out_dtype.is_floating_point,
+                 lambda: f"{name}: out_dtype must be a floating dtype or None, got {out_dtype}")
 
 
-def _fake_quantize_pot_ps(shift, sign, weight_bits, noise):
-    return torch.empty(shift.shape, dtype=shift.dtype, device=shift.device)
+def _fake_quantize_pot_q(weight, weight_bits, noise, out_dtype=None):
+    _check_out_dtype("quantize_pot_q", out_dtype)
+    return torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=weight.device)
+
+
+def _fake_quantize_pot_ps(shift, sign, weight_bits, noise, out_dtype=None):
+    _check_out_dtype("quantize_pot_ps", out_dtype)
+    return torch.empty(shift.shape, dtype=out_dtype or shift.dtype, device=shift.device)
 
 
 def _fake_round_to_fixed(x, int_bits, frac_bits):
@@ -243,19 +254,26 @@ def _inference_only(name: str):
     return backward
 
 
+def _save_input_dtype(ctx, inputs, output):
+    ctx.in_dtype = inputs[0].dtype  # gradients go back in the input's dtype (out_dtype may differ)
+
+
 def _save_output(ctx, inputs, output):
+    _save_input_dtype(ctx, inputs, output)
     ctx.save_for_backward(output)  # PS: dL/dP needs W
 
 
 def _quantize_pot_q_backward(ctx, grad):
     # straight-through: dL/dW = dL/dWq
-    return grad, None, None
+    return grad.to(ctx.in_dtype), None, None, None
 
 
 def _quantize_pot_ps_backward(ctx, grad):
     (w,) = ctx.saved_tensors
-    # dL/dP = dL/dW * W * ln 2 ; dL/dS = dL/dW (round, sign and clamp are straight-through)
-    return grad * w * math.log(2.0), grad, None, None
+    g = grad.to(ctx.in_dtype)
+    # dL/dP = dL/dW * W * ln 2 ; dL/dS = dL/dW (round, sign and clamp are straight-through);
+    # W is a power of two (or 0), exact in any dtype it was written in
+    return g * w.to(ctx.in_dtype) * math.log(2.0), g, None, None, None
 
 
 def _round_to_fixed_backward(ctx, grad):
@@ -277,6 +295,8 @@ def _finish_registration(backend: str, family: str) -> None:
         torch.library.register_autograd(qualname, bwd, setup_context=setup, lib=LIB)
     elif family == "quantize_pot_ps":
         torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], setup_context=_save_output, lib=LIB)
+    elif family == "quantize_pot_q":
+        torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], setup_context=_save_input_dtype, lib=LIB)
     elif family in _QUANT_BACKWARD:  # straight-through: nothing to save
         torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], lib=LIB)
     elif family in PACKED_SCHEMAS:

@@ -31,6 +31,7 @@ from . import _dispatch, _ops
 from .reference.adder import GRAD_MODES
 
 SHIFT_MODES = ("q", "ps", "pot")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ROUNDINGS = ("deterministic", "stochastic")
 
 IntPair = Union[int, Sequence[int]]
@@ -208,7 +209,8 @@ def _noise(like: torch.Tensor, rounding: str, generator: Optional[torch.Generato
 
 
 def quantize_pot(weight: torch.Tensor, weight_bits: int = 5, *, mode: str = "q", sign: Optional[torch.Tensor] = None,
-                 rounding: str = "deterministic", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 rounding: str = "deterministic", generator: Optional[torch.Generator] = None,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Power-of-two weight (DeepShift), straight-through gradients.
 
     mode "q": ``weight`` is a float weight; returns sign(w) * 2^round(log2 |w|) with |w|
@@ -216,15 +218,22 @@ def quantize_pot(weight: torch.Tensor, weight_bits: int = 5, *, mode: str = "q",
     mode "ps": ``weight`` is the shift P and ``sign`` the sign S; returns
     2^round(clamp(P, -(2^(b-1)-2), 0)) * sign(round(S)) (dL/dS = dL/dW, dL/dP = dL/dW * W * ln 2).
     rounding "stochastic" rounds the exponent down or up with probability of the fraction.
-    Any shape; returns the input's shape and dtype.
+    Any shape; returns the input's shape, in ``out_dtype`` (default: the input's dtype):
+    one kernel quantizes and writes the power of two in the compute dtype (exact in
+    bfloat16 and float32; float16 rounds magnitudes below 2^-24), the gradients come back
+    in the input's dtype.
     """
     _check_tensor("weight", weight)
     if not isinstance(weight_bits, int) or not 2 <= weight_bits <= 8:
         raise ValueError(f"weight_bits must be an int in [2, 8], got {weight_bits!r}")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point
+                                  or out_dtype not in _FLOAT_DTYPES):
+        raise TypeError(f"out_dtype must be None or one of {_FLOAT_DTYPES}, got {out_dtype!r}")
     if mode == "q":
         if sign is not None:
             raise ValueError("sign is only used with mode='ps'")
-        return _dispatch.get_op("quantize_pot_q", weight)(weight, weight_bits, _noise(weight, rounding, generator))
+        return _dispatch.get_op("quantize_pot_q", weight)(weight, weight_bits, _noise(weight, rounding, generator),
+                                                          out_dtype)
     if mode == "ps":
         if sign is None:
             raise ValueError("mode='ps' needs the sign tensor (sign=...)")
@@ -234,7 +243,7 @@ def quantize_pot(weight: torch.Tensor, weight_bits: int = 5, *, mode: str = "q",
         if sign.device != weight.device or sign.dtype != weight.dtype:
             raise TypeError(f"sign ({sign.dtype}, {sign.device}) must match shift ({weight.dtype}, {weight.device})")
         return _dispatch.get_op("quantize_pot_ps", weight)(weight, sign, weight_bits,
-                                                           _noise(weight, rounding, generator))
+                                                           _noise(weight, rounding, generator), out_dtype)
     raise ValueError(f"mode must be 'q' or 'ps', got {mode!r}")
 
 
@@ -256,9 +265,23 @@ def _act_bits(act_bits):
     raise ValueError(f"act_bits must be None or (int_bits, frac_bits), got {act_bits!r}")
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the matmul/conv of a shift layer will run in when it differs from the
+    weight's: autocast's lower precision (float16/bfloat16) for a float32 weight, so the
+    quantizer writes the power-of-two weight in it directly (one pass instead of
+    quantize, then autocast's cast); else None."""
+    dev = x.device.type
+    if weight.dtype == torch.float32 and dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        if dt in (torch.float16, torch.bfloat16):
+            return dt
+    return None
+
+
 def _shift_operands(x, weight, bias, sign, mode, weight_bits, act_bits, rounding, generator):
     """(x, power-of-two weight, bias) of a shift layer, x and bias rounded to fixed point
-    when act_bits is given."""
+    when act_bits is given.  Under autocast the weight comes out of the quantizer in the
+    autocast dtype (see _compute_dtype)."""
     _check_tensor("x", x)
     act = _act_bits(act_bits)
     if mode not in SHIFT_MODES:
@@ -267,7 +290,8 @@ def _shift_operands(x, weight, bias, sign, mode, weight_bits, act_bits, rounding
         _check_tensor("weight", weight)
         w = weight
     else:
-        w = quantize_pot(weight, weight_bits, mode=mode, sign=sign, rounding=rounding, generator=generator)
+        w = quantize_pot(weight, weight_bits, mode=mode, sign=sign, rounding=rounding, generator=generator,
+                         out_dtype=_compute_dtype(x, weight))
     if act is not None:
         x = round_to_fixed(x, *act)
         bias = None if bias is None else round_to_fixed(bias, *act)

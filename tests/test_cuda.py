@@ -414,6 +414,23 @@ def test_quantizers_unaligned_and_non_contiguous(dtype):
         assert out.is_contiguous()
 
 
+@pytest.mark.parametrize("out_dtype", QDTYPES, ids=str)
+@pytest.mark.parametrize("dtype", QDTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 4099, (1 << 20) + 3])
+def test_quantizers_to_out_dtype_bit_exact(dtype, out_dtype, n):
+    """The fused quantize-and-decode (out_dtype) over every input/output dtype pair, the
+    special values, and a view whose offset breaks the vector path's alignment."""
+    w = with_specials(torch.randn(n + 1, device=DEV) * 0.3).to(dtype)
+    p = with_specials(torch.rand(n + 1, device=DEV) * 20 - 17).to(dtype)
+    s = (torch.rand(n + 1, device=DEV) * 2 - 1).to(dtype)
+    for sl in (slice(0, n), slice(1, n + 1)):
+        for bits in (2, 5, 8):
+            same_bits(cuda_op("quantize_pot_q")(w[sl], bits, None, out_dtype),
+                      ref_op("quantize_pot_q")(w[sl], bits, None, out_dtype), f"q {dtype}->{out_dtype} b={bits}")
+            same_bits(cuda_op("quantize_pot_ps")(p[sl], s[sl], bits, None, out_dtype),
+                      ref_op("quantize_pot_ps")(p[sl], s[sl], bits, None, out_dtype), f"ps {dtype}->{out_dtype} b={bits}")
+
+
 _BAD_QUANTIZER_CALLS = """
 import torch, shiftadd
 w = torch.randn(5, device="cuda")

@@ -119,6 +119,116 @@ def test_quantizers_special_values(backend, device):
                                    rtol=0, atol=0)
 
 
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@given(bits=st.integers(2, 8), n=st.integers(0, 300), stochastic=st.booleans())
+def test_quantize_to_out_dtype_bit_exact(backend, dtype, out_dtype, device, bits, n, stochastic):
+    """The fused quantize-and-decode: the power of two written directly in out_dtype, as
+    the reference computes it (exact value, rounded once)."""
+    usable(backend, "quantize_pot_q", device, dtype)
+    if is_interpreted(backend, device) and torch.bfloat16 in (dtype, out_dtype):
+        pytest.skip("the Triton interpreter has no bfloat16")
+    if backend == "triton" and out_dtype == torch.float64:
+        pytest.skip("the Triton kernels write float16, bfloat16 and float32")
+    w = (torch.randn(n, device=device) * 0.3).to(dtype)
+    w[: n // 7] = 0.0
+    p = (torch.rand(n, device=device) * 20 - 17).to(dtype)
+    s = (torch.rand(n, device=device) * 2 - 1).to(dtype)
+    noise = torch.rand(n, device=device).to(dtype) if stochastic else None
+    for fam, args in (("quantize_pot_q", (w, bits, noise)), ("quantize_pot_ps", (p, s, bits, noise))):
+        got = op(backend, fam)(*args, out_dtype)
+        want = op("reference", fam)(*args, out_dtype)
+        assert got.dtype == out_dtype and got.shape == args[0].shape and got.is_contiguous()
+        if stochastic and fam == "quantize_pot_q":  # log2 may differ by an ulp between libms
+            assert (got != want).sum().item() <= max(1, n // 100)
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if fam == "quantize_pot_q" and not stochastic:  # and it is the same-dtype result, converted
+            torch.testing.assert_close(got, op(backend, fam)(*args).to(out_dtype), rtol=0, atol=0)
+
+
+def test_quantize_to_float16_rounds_tiny_powers_once():
+    """2^-25 is half-way between float16's 0 and 2^-24: round to even gives 0; 2^-24 stays."""
+    w = torch.tensor([2.0 ** -25, -(2.0 ** -24), 2.0 ** -30, 0.5], dtype=torch.float32)
+    want = torch.tensor([0.0, -(2.0 ** -24), 0.0, 0.5], dtype=torch.float16)
+    for backend in ("cpu", "reference"):
+        got = op(backend, "quantize_pot_q")(w, 8, None, torch.float16)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", QUANT_BACKENDS)
+def test_quantize_to_out_dtype_gradients_in_the_input_dtype(backend, device):
+    usable(backend, "quantize_pot_ps", device, torch.float32)
+    out = torch.float16 if is_interpreted(backend, device) else torch.bfloat16
+    g = torch.randn(5, 7, device=device).to(out)
+    w = torch.randn(5, 7, device=device, requires_grad=True)
+    wq = op(backend, "quantize_pot_q")(w, 5, None, out)
+    (gw,) = torch.autograd.grad(wq, w, g)
+    assert wq.dtype == out and gw.dtype == torch.float32
+    torch.testing.assert_close(gw, g.float(), rtol=0, atol=0)
+
+    p = (torch.rand(5, 7, device=device) * -10).requires_grad_()
+    s = (torch.rand(5, 7, device=device) * 2 - 1).requires_grad_()
+    wq = op(backend, "quantize_pot_ps")(p, s, 5, None, out)
+    gp, gs = torch.autograd.grad(wq, (p, s), g)
+    assert gp.dtype == gs.dtype == torch.float32
+    torch.testing.assert_close(gs, g.float(), rtol=0, atol=0)
+    torch.testing.assert_close(gp, g.float() * wq.detach().float() * math.log(2.0))
+
+
+def test_quantize_out_dtype_bad_values_name_the_argument():
+    w = torch.randn(4)
+    with pytest.raises(TypeError, match="out_dtype"):
+        shiftadd.quantize_pot(w, out_dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        op("cpu", "quantize_pot_q")(w, 5, None, torch.int32)
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        op("cpu", "quantize_pot_ps")(w, w, 5, None, torch.complex64)
+    with pytest.raises(TypeError, match="out_dtype"):
+        op("reference", "quantize_pot_q")(w, 5, None, torch.int64)
+
+
+@pytest.mark.parametrize("mode", ["q", "ps"])
+def test_shift_layers_under_autocast_quantize_into_the_autocast_dtype(mode, monkeypatch):
+    """Under autocast a float32 master weight is quantized straight into bfloat16 (one op
+    call with out_dtype), and the layer's output and gradients are what quantizing in
+    float32 and casting would give."""
+    torch.manual_seed(0)
+    lin = shiftadd.nn.ShiftLinear(24, 16, mode=mode, weight_bits=5)
+    x = torch.randn(8, 24)
+    seen = []
+    real = shiftadd.functional.quantize_pot
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((kwargs.get("out_dtype"), out.dtype))
+        return out
+
+    monkeypatch.setattr(shiftadd.functional, "quantize_pot", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16 and seen == [(torch.bfloat16, torch.bfloat16)]
+    y.float().sum().backward()
+    grads = {n: p.grad.clone() for n, p in lin.named_parameters()}
+    assert all(g.dtype == torch.float32 for g in grads.values())
+
+    monkeypatch.setattr(shiftadd.functional, "quantize_pot", real)
+    lin.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        params = dict(lin.named_parameters())
+        w32 = (shiftadd.quantize_pot(params["weight"], 5) if mode == "q" else
+               shiftadd.quantize_pot(params["shift"], 5, mode="ps", sign=params["sign"]))
+        y2 = F.linear(x, w32, lin.bias)
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    y2.float().sum().backward()
+    for n, p in lin.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=0)
+
+
 def test_quantize_non_contiguous_input():
     w = torch.randn(6, 8)[:, ::2]
     torch.testing.assert_close(shiftadd.quantize_pot(w), op("reference", "quantize_pot_q")(w.contiguous(), 5, None))
@@ -154,6 +264,9 @@ def test_straight_through_gradients(backend, device):
     ("quantize_pot_q", lambda: (torch.randn(4, 6, requires_grad=True), 3, torch.rand(4, 6))),
     ("quantize_pot_ps", lambda: (torch.rand(4, 6, requires_grad=True) * -8, torch.randn(4, 6, requires_grad=True), 5,
                                  None)),
+    ("quantize_pot_q", lambda: (torch.randn(4, 6, requires_grad=True), 5, None, torch.float16)),
+    ("quantize_pot_ps", lambda: (torch.rand(4, 6, requires_grad=True) * -8, torch.randn(4, 6, requires_grad=True), 4,
+                                 None, torch.float16)),
     ("round_to_fixed", lambda: (torch.randn(4, 6, requires_grad=True), 8, 8)),
 ])
 @pytest.mark.parametrize("backend", QUANT_BACKENDS)

@@ -17,7 +17,8 @@ the rules of shiftadd/reference/shift.py (REFERENCE §2), b = weight_bits:
   is rounded to float32 as the reference's clamp rounds it.
 
 2^p is built from its bits (exponent field), never with exp2, so it is exact; NaN in
-gives NaN out.  Inputs float16/bfloat16/float32; the output has the input's dtype.
+gives NaN out.  Inputs float16/bfloat16/float32; the output has the input's dtype, or
+the quantizers' out_dtype (the store rounds the exact float64 value once).
 
 Packed linear (``shift_linear_packed``, inference; layout in shiftadd/packed.py):
 y (N, O) = x (N, K) W^T + bias with W read as B-bit codes (4, 8 or 16 per weight).  Each
@@ -312,12 +313,21 @@ def _grid(n):
     return (triton.cdiv(n, _BLOCK),)
 
 
-def quantize_pot_q(weight: torch.Tensor, weight_bits: int, noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """weight (any shape; float16/bfloat16/float32) -> DeepShift-Q power of two, same shape and dtype."""
+def _check_out_dtype(op, out_dtype):
+    if out_dtype is not None and out_dtype not in DTYPES:
+        raise TypeError(f"shiftadd::{op} (triton): out_dtype must be float16, bfloat16, float32 or None, "
+                        f"got {out_dtype}")
+
+
+def quantize_pot_q(weight: torch.Tensor, weight_bits: int, noise: Optional[torch.Tensor],
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """weight (any shape; float16/bfloat16/float32) -> DeepShift-Q power of two, same shape,
+    dtype out_dtype (default: the weight's; the store rounds the exact value once)."""
     _check_float("quantize_pot_q", "weight", weight)
     _check_bits("quantize_pot_q", weight_bits)
+    _check_out_dtype("quantize_pot_q", out_dtype)
     w = weight.contiguous()
-    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    out = torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=weight.device)
     if noise is not None:
         _check_like("quantize_pot_q", "noise", noise, weight, "weight")
         noise = noise.contiguous()
@@ -328,14 +338,17 @@ def quantize_pot_q(weight: torch.Tensor, weight_bits: int, noise: Optional[torch
     return out
 
 
-def quantize_pot_ps(shift: torch.Tensor, sign: torch.Tensor, weight_bits: int, noise: Optional[torch.Tensor]) -> torch.Tensor:
-    """shift P and sign S (same shape; float16/bfloat16/float32) -> DeepShift-PS weight, P's dtype."""
+def quantize_pot_ps(shift: torch.Tensor, sign: torch.Tensor, weight_bits: int, noise: Optional[torch.Tensor],
+                    out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """shift P and sign S (same shape; float16/bfloat16/float32) -> DeepShift-PS weight,
+    dtype out_dtype (default: P's)."""
     _check_float("quantize_pot_ps", "shift", shift)
     _check_float("quantize_pot_ps", "sign", sign)
     _check_like("quantize_pot_ps", "sign", sign, shift, "shift")
     _check_bits("quantize_pot_ps", weight_bits)
+    _check_out_dtype("quantize_pot_ps", out_dtype)
     p, s = shift.contiguous(), sign.contiguous()
-    out = torch.empty(shift.shape, dtype=shift.dtype, device=shift.device)
+    out = torch.empty(shift.shape, dtype=out_dtype or shift.dtype, device=shift.device)
     if noise is not None:
         _check_like("quantize_pot_ps", "noise", noise, shift, "shift")
         noise = noise.contiguous()

@@ -5,6 +5,8 @@
 //   quantize_pot_ps(P, S, b, noise)  sign(round(S)) * 2^round(clamp(P, -(2^(b-1)-2), 0))
 //   round_to_fixed(x, i, f)          clamp(floor(x 2^f) 2^-f, -2^(i-1), 2^(i-1) - 1)
 //
+// The quantizers write out_dtype (default: the input's) directly: the exact double result
+// is converted once, as static_cast from double (through float for the 16-bit types).
 // round() is half-to-even (torch.round); with `noise` u in [0, 1) it is stochastic,
 // floor(v) + (u < frac(v)).  round(log2 a) is computed exactly from the IEEE exponent
 // and mantissa, without log2; 2^p from the exponent bits.  The element loops are plain
@@ -77,8 +79,8 @@ inline double stochastic_floor(double v, double u) {
 
 // The element loops: plain loops over __restrict pointers, so that they vectorise (a
 // lambda called per element through captured pointers did not: the stores could alias).
-template <typename T>
-void q_deterministic(const T* __restrict w, T* __restrict out, int64_t n, double lo, int64_t) {
+template <typename T, typename O>
+void q_deterministic(const T* __restrict w, O* __restrict out, int64_t n, double lo, int64_t) {
 #pragma omp simd
   for (int64_t i = 0; i < n; i++) {
     const double v = static_cast<double>(w[i]);
@@ -90,12 +92,12 @@ void q_deterministic(const T* __restrict w, T* __restrict out, int64_t n, double
     const double m = from_bits((b & 0xfffffffffffffULL) | (1023ULL << 52));
     const double r = m * m >= 2.0 ? pe * 2.0 : pe;
     const double q = v > 0 ? r : (v < 0 ? -r : 0.0);
-    out[i] = static_cast<T>(v != v ? v : q);  // NaN stays NaN
+    out[i] = static_cast<O>(v != v ? v : q);  // NaN stays NaN
   }
 }
 
-template <typename T>
-void q_stochastic(const T* __restrict w, const T* __restrict u, T* __restrict out, int64_t n, double lo,
+template <typename T, typename O>
+void q_stochastic(const T* __restrict w, const T* __restrict u, O* __restrict out, int64_t n, double lo,
                   int64_t min_p) {
   for (int64_t i = 0; i < n; i++) {
     const double v = static_cast<double>(w[i]);
@@ -104,12 +106,12 @@ void q_stochastic(const T* __restrict w, const T* __restrict u, T* __restrict ou
     p = p < min_p ? min_p : (p > 0 ? 0 : p);
     const double r = exp2_int(p);
     const double q = v > 0 ? r : (v < 0 ? -r : 0.0);
-    out[i] = static_cast<T>(v != v ? v : q);
+    out[i] = static_cast<O>(v != v ? v : q);
   }
 }
 
-template <typename T, bool STOCHASTIC>
-void ps_kernel(const T* __restrict P, const T* __restrict S, const T* __restrict u, T* __restrict out, int64_t n,
+template <typename T, typename O, bool STOCHASTIC>
+void ps_kernel(const T* __restrict P, const T* __restrict S, const T* __restrict u, O* __restrict out, int64_t n,
                double min_p) {
 #pragma omp simd
   for (int64_t i = 0; i < n; i++) {
@@ -119,7 +121,7 @@ void ps_kernel(const T* __restrict P, const T* __restrict S, const T* __restrict
     // sign(round(S)) with round half to even: 0 for |S| <= 1/2
     const double sg = sv > 0.5 ? 1.0 : (sv < -0.5 ? -1.0 : 0.0);
     const double wq = sg * exp2_of_integral(p);
-    out[i] = static_cast<T>(pv != pv || sv != sv ? (double)NAN : wq);
+    out[i] = static_cast<O>(pv != pv || sv != sv ? (double)NAN : wq);
   }
 }
 
@@ -135,46 +137,66 @@ void fixed_kernel(const T* __restrict x, T* __restrict out, int64_t n, A scale, 
   }
 }
 
-at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c10::optional<at::Tensor>& noise) {
+// f(O{}) for the output dtype of a quantizer (the four floating dtypes)
+template <typename F>
+void dispatch_out(const char* op, at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float());
+    case at::kDouble: return f(double());
+    case at::kHalf: return f(at::Half());
+    case at::kBFloat16: return f(at::BFloat16());
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": out_dtype must be float32, float64, float16 or bfloat16, got ", t);
+}
+
+at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c10::optional<at::Tensor>& noise,
+                          c10::optional<at::ScalarType> out_dtype) {
   const char* op = "shiftadd::quantize_pot_q";
-  check_quantize_q(op, weight, weight_bits, noise);
+  check_quantize_q(op, weight, weight_bits, noise, out_dtype);
   const int64_t min_p = -((int64_t(1) << (weight_bits - 1)) - 1);
   const double lo = std::ldexp(1.0, (int)min_p);
   const at::Tensor w = weight.contiguous();
   at::Tensor u = noise.has_value() ? noise->contiguous() : at::Tensor();
-  at::Tensor out = at::empty(weight.sizes(), weight.options());
+  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(out_dtype.value_or(weight.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "quantize_pot_q", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const scalar_t* up = u.defined() ? u.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
-      if (up == nullptr)
-        q_deterministic(wp + b, op_ + b, e - b, lo, min_p);
-      else
-        q_stochastic(wp + b, up + b, op_ + b, e - b, lo, min_p);
+    dispatch_out(op, out.scalar_type(), [&](auto otag) {
+      using O = decltype(otag);
+      O* op_ = out.mutable_data_ptr<O>();
+      at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
+        if (up == nullptr)
+          q_deterministic(wp + b, op_ + b, e - b, lo, min_p);
+        else
+          q_stochastic(wp + b, up + b, op_ + b, e - b, lo, min_p);
+      });
     });
   });
   return out;
 }
 
 at::Tensor quantize_pot_ps(const at::Tensor& shift, const at::Tensor& sign, int64_t weight_bits,
-                           const c10::optional<at::Tensor>& noise) {
+                           const c10::optional<at::Tensor>& noise, c10::optional<at::ScalarType> out_dtype) {
   const char* op = "shiftadd::quantize_pot_ps";
-  check_quantize_ps(op, shift, sign, weight_bits, noise);
+  check_quantize_ps(op, shift, sign, weight_bits, noise, out_dtype);
   const double min_p = -(double)((int64_t(1) << (weight_bits - 1)) - 2);
   const at::Tensor P = shift.contiguous(), S = sign.contiguous();
   at::Tensor u = noise.has_value() ? noise->contiguous() : at::Tensor();
-  at::Tensor out = at::empty(shift.sizes(), shift.options());
+  at::Tensor out = at::empty(shift.sizes(), shift.options().dtype(out_dtype.value_or(shift.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.scalar_type(), "quantize_pot_ps", [&] {
     const scalar_t* pp = P.const_data_ptr<scalar_t>();
     const scalar_t* sp = S.const_data_ptr<scalar_t>();
     const scalar_t* up = u.defined() ? u.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
-      if (up == nullptr)
-        ps_kernel<scalar_t, false>(pp + b, sp + b, nullptr, op_ + b, e - b, min_p);
-      else
-        ps_kernel<scalar_t, true>(pp + b, sp + b, up + b, op_ + b, e - b, min_p);
+    dispatch_out(op, out.scalar_type(), [&](auto otag) {
+      using O = decltype(otag);
+      O* op_ = out.mutable_data_ptr<O>();
+      at::parallel_for(0, out.numel(), kGrain, [&](int64_t b, int64_t e) {
+        if (up == nullptr)
+          ps_kernel<scalar_t, O, false>(pp + b, sp + b, nullptr, op_ + b, e - b, min_p);
+        else
+          ps_kernel<scalar_t, O, true>(pp + b, sp + b, up + b, op_ + b, e - b, min_p);
+      });
     });
   });
   return out;

@@ -82,10 +82,11 @@ cudaError_t adder_grad_weight_exact(const ConvGeom& g, DType dt, const float* gt
 // Power-of-two quantizers (REFERENCE §2), elementwise over n contiguous elements, bit
 // for bit what csrc/cpu/shift.cpp computes (all four dtypes, float64 included).
 // noise: nullptr for deterministic rounding, else n uniform [0, 1) values of dtype dt.
-cudaError_t quantize_pot_q(DType dt, const void* w, const void* noise, void* out, int64_t n, int weight_bits,
-                           cudaStream_t stream);
-cudaError_t quantize_pot_ps(DType dt, const void* shift, const void* sign, const void* noise, void* out, int64_t n,
-                            int weight_bits, cudaStream_t stream);
+// out: n values of dtype out_dt (any of the four; the exact result is converted once).
+cudaError_t quantize_pot_q(DType dt, DType out_dt, const void* w, const void* noise, void* out, int64_t n,
+                           int weight_bits, cudaStream_t stream);
+cudaError_t quantize_pot_ps(DType dt, DType out_dt, const void* shift, const void* sign, const void* noise, void* out,
+                            int64_t n, int weight_bits, cudaStream_t stream);
 cudaError_t round_to_fixed(DType dt, const void* x, void* out, int64_t n, int int_bits, int frac_bits,
                            cudaStream_t stream);
 

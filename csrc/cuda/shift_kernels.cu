@@ -116,41 +116,41 @@ struct QOp {
   int min_p;
   double lo;  // 2^min_p
   template <typename T>
-  __device__ __forceinline__ T operator()(T wv, T uv, bool has_noise) const {
+  __device__ __forceinline__ double operator()(T wv, T uv, bool has_noise) const {
     const double v = to_d(wv);
-    if (is_nan(v)) return wv;  // NaN stays NaN
+    if (is_nan(v)) return v;  // NaN stays NaN
     double a = fabs(v);
     a = a < lo ? lo : a;
     a = 1.0 < a ? 1.0 : a;
     int p = has_noise ? static_cast<int>(stochastic_floor(log2_of(a), to_d(uv))) : round_log2(a);
     p = p < min_p ? min_p : (p > 0 ? 0 : p);
     const double r = exp2_int(p);
-    return from_d<T>(v > 0 ? r : (v < 0 ? -r : 0.0));
+    return v > 0 ? r : (v < 0 ? -r : 0.0);
   }
 };
 
 struct PSOp {
   double min_p;
   template <typename T>
-  __device__ __forceinline__ T operator()(T pv_, T sv_, T uv, bool has_noise) const {
+  __device__ __forceinline__ double operator()(T pv_, T sv_, T uv, bool has_noise) const {
     const double pv = to_d(pv_), sv = to_d(sv_);
-    if (is_nan(pv) || is_nan(sv)) return from_d<T>(__longlong_as_double(0x7ff8000000000000LL));
+    if (is_nan(pv) || is_nan(sv)) return __longlong_as_double(0x7ff8000000000000LL);
     double pc = pv < min_p ? min_p : pv;
     pc = 0.0 < pc ? 0.0 : pc;
     const double p = has_noise ? stochastic_floor(pc, to_d(uv)) : rint(pc);  // rint: half to even
     const double s = sv > 0.5 ? 1.0 : (sv < -0.5 ? -1.0 : 0.0);
-    return from_d<T>(s * exp2_int(static_cast<int>(p)));
+    return s * exp2_int(static_cast<int>(p));
   }
 };
 
 struct FixedOp {
   double scale, inv, hi, lo;  // 2^f, 2^-f and the clamp bounds in the computing precision
   template <typename T>
-  __device__ __forceinline__ T operator()(T xv) const {
+  __device__ __forceinline__ double operator()(T xv) const {
     double v = floor(to_d(xv) * scale) * inv;
     v = hi < v ? hi : v;  // NaN passes through, as torch.clamp
     v = lo > v ? lo : v;
-    return from_d<T>(v);
+    return v;
   }
 };
 
@@ -159,35 +159,39 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
-// out[i] = op(a[i], b[i], c[i]) for i < n; NIN inputs are read (b, c only when NIN
-// says so).  V > 1: 16-byte packs (the launcher checks the alignment), then a scalar tail.
-template <typename T, int V, int NIN, class Op>
+// out[i] = TO(op(a[i], b[i], c[i])) for i < n: the op computes in double, the result is
+// converted once to the output type TO (which may differ from the input type T).  NIN
+// inputs are read (b, c only when NIN says so).  V > 1: packs of at most 16 bytes on
+// each side (the launcher checks the alignment), then a scalar tail.
+template <typename T, typename TO, int V, int NIN, class Op>
 __global__ void __launch_bounds__(kThreads)
-    map_kernel(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ c, T* __restrict__ out,
+    map_kernel(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ c, TO* __restrict__ out,
                long long n, Op op, int has_noise) {
   const long long stride = (long long)gridDim.x * blockDim.x;
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long nv = V > 1 ? n / V : 0;
-  auto apply = [&](T av, T bv, T cv) -> T {
+  auto apply = [&](T av, T bv, T cv) -> TO {
     if constexpr (NIN == 1) {
-      return op(av);
+      return from_d<TO>(op(av));
     } else if constexpr (NIN == 2) {
       (void)cv;
-      return op(av, bv, has_noise != 0);
+      return from_d<TO>(op(av, bv, has_noise != 0));
     } else {
-      return op(av, bv, cv, has_noise != 0);
+      return from_d<TO>(op(av, bv, cv, has_noise != 0));
     }
   };
   if constexpr (V > 1) {
     using P = Pack<T, V>;
+    using PO = Pack<TO, V>;
     for (long long i = tid; i < nv; i += stride) {
       const P pa = reinterpret_cast<const P*>(a)[i];
-      P pb = pa, pc = pa, po;
+      P pb = pa, pc = pa;
+      PO po;
       if (NIN >= 2 && b != nullptr) pb = reinterpret_cast<const P*>(b)[i];
       if (NIN >= 3 && c != nullptr) pc = reinterpret_cast<const P*>(c)[i];
 #pragma unroll
       for (int e = 0; e < V; e++) po.v[e] = apply(pa.v[e], pb.v[e], pc.v[e]);
-      reinterpret_cast<P*>(out)[i] = po;
+      reinterpret_cast<PO*>(out)[i] = po;
     }
   }
   for (long long i = nv * V + tid; i < n; i += stride) {
@@ -198,27 +202,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+bool aligned(const void* p, size_t bytes) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
-template <typename T, int NIN, class Op>
+template <typename T, typename TO, int NIN, class Op>
 cudaError_t launch_map(const void* a, const void* b, const void* c, void* out, int64_t n, Op op, bool has_noise,
                        cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  constexpr int V = 16 / (int)sizeof(T);
-  const bool vec = aligned16(a) && aligned16(b) && aligned16(c) && aligned16(out) && n >= V;
+  constexpr int V = 16 / (int)(sizeof(T) > sizeof(TO) ? sizeof(T) : sizeof(TO));
+  constexpr size_t in_bytes = sizeof(T) * V, out_bytes = sizeof(TO) * V;
+  const bool vec = aligned(a, in_bytes) && aligned(b, in_bytes) && aligned(c, in_bytes) && aligned(out, out_bytes) &&
+                   n >= V;
   const int64_t work = vec ? (n + V - 1) / V : n;
   int64_t blocks = (work + kThreads - 1) / kThreads;
   blocks = blocks < 1 ? 1 : (blocks > 8192 ? 8192 : blocks);
   const T* ap = static_cast<const T*>(a);
   const T* bp = static_cast<const T*>(b);
   const T* cp = static_cast<const T*>(c);
-  T* op_ = static_cast<T*>(out);
+  TO* op_ = static_cast<TO*>(out);
   if (vec) {
-    auto kern = map_kernel<T, V, NIN, Op>;
+    auto kern = map_kernel<T, TO, V, NIN, Op>;
     SA_LAUNCH(kern, dim3((unsigned)blocks), dim3(kThreads), stream, ap, bp, cp, op_, (long long)n, op,
               has_noise ? 1 : 0);
   } else {
-    auto kern = map_kernel<T, 1, NIN, Op>;
+    auto kern = map_kernel<T, TO, 1, NIN, Op>;
     SA_LAUNCH(kern, dim3((unsigned)blocks), dim3(kThreads), stream, ap, bp, cp, op_, (long long)n, op,
               has_noise ? 1 : 0);
   }
@@ -238,8 +244,8 @@ cudaError_t dispatch_all(DType dt, F&& f) {
 
 }  // namespace
 
-cudaError_t quantize_pot_q(DType dt, const void* w, const void* noise, void* out, int64_t n, int weight_bits,
-                           cudaStream_t stream) {
+cudaError_t quantize_pot_q(DType dt, DType out_dt, const void* w, const void* noise, void* out, int64_t n,
+                           int weight_bits, cudaStream_t stream) {
   if (weight_bits < 2 || weight_bits > 8 || n < 0) return cudaErrorInvalidValue;
   QOp op;
   op.min_p = -((1 << (weight_bits - 1)) - 1);
@@ -247,18 +253,24 @@ cudaError_t quantize_pot_q(DType dt, const void* w, const void* noise, void* out
   for (int i = 0; i < -op.min_p; i++) op.lo *= 0.5;  // 2^min_p, exact
   return dispatch_all(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return launch_map<T, 2>(w, noise, nullptr, out, n, op, noise != nullptr, stream);
+    return dispatch_all(out_dt, [&](auto otag) -> cudaError_t {
+      using TO = decltype(otag);
+      return launch_map<T, TO, 2>(w, noise, nullptr, out, n, op, noise != nullptr, stream);
+    });
   });
 }
 
-cudaError_t quantize_pot_ps(DType dt, const void* shift, const void* sign, const void* noise, void* out, int64_t n,
-                            int weight_bits, cudaStream_t stream) {
+cudaError_t quantize_pot_ps(DType dt, DType out_dt, const void* shift, const void* sign, const void* noise, void* out,
+                            int64_t n, int weight_bits, cudaStream_t stream) {
   if (weight_bits < 2 || weight_bits > 8 || n < 0) return cudaErrorInvalidValue;
   PSOp op;
   op.min_p = -static_cast<double>((1 << (weight_bits - 1)) - 2);
   return dispatch_all(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return launch_map<T, 3>(shift, sign, noise, out, n, op, noise != nullptr, stream);
+    return dispatch_all(out_dt, [&](auto otag) -> cudaError_t {
+      using TO = decltype(otag);
+      return launch_map<T, TO, 3>(shift, sign, noise, out, n, op, noise != nullptr, stream);
+    });
   });
 }
 
@@ -277,7 +289,7 @@ cudaError_t round_to_fixed(DType dt, const void* x, void* out, int64_t n, int in
   op.lo = is_double ? lo : static_cast<double>(static_cast<float>(lo));
   return dispatch_all(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    return launch_map<T, 1>(x, nullptr, nullptr, out, n, op, false, stream);
+    return launch_map<T, T, 1>(x, nullptr, nullptr, out, n, op, false, stream);
   });
 }
 

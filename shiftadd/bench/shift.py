@@ -2,8 +2,12 @@
 
 * quantizers (DeepShift Q and PS) on a weight tensor, per backend: ms and GB/s (bytes
   read plus written);
+* the fused quantize-and-decode (``out_dtype``): a float32 weight quantized straight
+  into bfloat16 (4 bytes read and 2 written per weight);
 * a shift layer's training step (quantize + matmul/conv, forward and backward) against
-  the same layer with a float weight (F.linear / F.conv2d): ``/ mult`` is the time ratio.
+  the same layer with a float weight (F.linear / F.conv2d): ``/ mult`` is the time ratio;
+  in float32, and under bfloat16 autocast (float32 master weights; the shift layer's
+  quantizer then writes the bfloat16 weight directly, the float layer is cast by autocast).
 * packed-weight inference (``shift_linear_packed``, 4-bit codes) at small batches against
   the dense float32 F.linear with the decoded weight (bfloat16 on CUDA, as cuBLAS would
   run it): ms, GB/s of weight bytes read, and ``dense / this`` (> 1: faster than dense);
@@ -39,19 +43,34 @@ def quantizer_rows(shape, device, min_time, include_reference=True):
     w = torch.randn(shape, device=device)
     p, s = torch.rand(shape, device=device) * -10, torch.rand(shape, device=device) * 2 - 1
     rows = []
-    for family, args, nbytes in (("quantize_pot_q", (w, 5, None), 2 * w.numel() * 4),
-                                 ("quantize_pot_ps", (p, s, 5, None), 3 * w.numel() * 4)):
+    n = w.numel()
+    for family, args, nbytes, out in (("quantize_pot_q", (w, 5, None), 2 * n * 4, None),
+                                      ("quantize_pot_ps", (p, s, 5, None), 3 * n * 4, None),
+                                      ("quantize_pot_q", (w, 5, None), n * (4 + 2), torch.bfloat16),
+                                      ("quantize_pot_ps", (p, s, 5, None), n * (8 + 2), torch.bfloat16)):
         for b in ("cuda", "triton", "cpu") + (("reference",) if include_reference else ()):
             if _dispatch.why_not(b, family, device, torch.float32) is not None or (b == "triton" and device.type == "cpu"):
                 continue
             op = _ops.op(b, family)
-            t = measure(lambda: op(*args), device, min_time=min_time)
-            rows.append({"case": f"{family} {tuple(shape)}", "pass": "forward", "impl": b, "ms": t * 1e3,
+            t = measure(lambda: op(*args, out), device, min_time=min_time)
+            to = "" if out is None else " -> bf16"
+            rows.append({"case": f"{family}{to} {tuple(shape)}", "pass": "forward", "impl": b, "ms": t * 1e3,
                          "GB/s": nbytes / t / 1e9})
     return rows
 
 
-def layer_rows(kind, xs, ws, device, min_time):
+def layer_rows(kind, xs, ws, device, min_time, amp=None):
+    """amp: None (float32) or the autocast dtype (float32 parameters and input)."""
+    import contextlib
+
+    def ctx():
+        return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+    def step(fn, inputs):
+        with ctx():
+            out = fn()
+        return torch.autograd.grad(out, inputs, g.to(out.dtype))
+
     torch.manual_seed(0)
     x = torch.randn(xs, device=device, requires_grad=True)
     w = torch.randn(ws, device=device, requires_grad=True)
@@ -61,13 +80,12 @@ def layer_rows(kind, xs, ws, device, min_time):
     pad = {"padding": 1} if kind == "conv" else {}
     shift = SF.shift_conv2d if kind == "conv" else SF.shift_linear
     g = torch.randn_like(layer(x, w, **pad))
-    name = f"{kind} x{tuple(xs)} w{tuple(ws)}"
-    t_mult = measure(lambda: torch.autograd.grad(layer(x, w, **pad), (x, w), g), device, min_time=min_time)
+    name = f"{kind} x{tuple(xs)} w{tuple(ws)}" + ("" if amp is None else f" {str(amp)[6:]} autocast")
+    t_mult = measure(lambda: step(lambda: layer(x, w, **pad), (x, w)), device, min_time=min_time)
     rows = [{"case": name, "pass": "train step", "impl": f"mult ({kind})", "ms": t_mult * 1e3}]
     for mode, params in (("q", (w,)), ("ps", (p, s))):
         kw = {"mode": mode, **({"sign": s} if mode == "ps" else {})}
-        t = measure(lambda: torch.autograd.grad(shift(x, params[0], **pad, **kw), (x, *params), g), device,
-                    min_time=min_time)
+        t = measure(lambda: step(lambda: shift(x, params[0], **pad, **kw), (x, *params)), device, min_time=min_time)
         rows.append({"case": name, "pass": "train step", "impl": f"shift {mode} ({_dispatch.select('quantize_pot_q', w)})",
                      "ms": t * 1e3, "/ mult": t / t_mult})
     return rows
@@ -128,8 +146,9 @@ def main(argv=None) -> int:
     rows = []
     for shape in cases["weights"]:
         rows += quantizer_rows(shape, device, min_time, include_reference=not a.no_reference)
-    for kind, xs, ws in cases["layers"]:
-        rows += layer_rows(kind, xs, ws, device, min_time)
+    for amp in (None, torch.bfloat16):
+        for kind, xs, ws in cases["layers"]:
+            rows += layer_rows(kind, xs, ws, device, min_time, amp)
     for shape, batches in cases["packed"]:
         rows += packed_rows(shape, batches, device, min_time, include_reference=not a.no_reference)
     print(markdown_table(rows, COLUMNS))

@@ -12,7 +12,9 @@ REFERENCE §2.  With b = weight_bits:
 makes it stochastic: ``floor(v) + (u < v - floor(v))``, DeepShift's floor plus Bernoulli
 of the fraction.  A NaN weight, shift or sign gives NaN (never a silent 0).  round(log2 a) is computed exactly: with a = m 2^e, m in [0.5, 1),
 round(log2 a) = e - [m^2 < 1/2].  The quantizers compute in float64 (exact for every
-input dtype); round_to_fixed in the input's precision (float32 for 16-bit types).
+input dtype) and round the result once to ``out_dtype`` (default: the input's; a power of
+two is exact in float32 and bfloat16, float16 rounds those below 2^-24); round_to_fixed
+in the input's precision (float32 for 16-bit types).
 The compiled kernels (csrc/cpu/shift.cpp) follow the same steps bit for bit.
 """
 
@@ -40,8 +42,19 @@ def _round_exponent(v: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor
     return fl + (noise.to(torch.float64) < v - fl).to(v.dtype)
 
 
-def quantize_pot_q(weight: torch.Tensor, weight_bits: int = 5, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """weight (any shape, floating) -> sign(w) * 2^p, p in [-(2^(b-1)-1), 0]; same shape and dtype."""
+def _out_dtype(out_dtype, like: torch.Tensor) -> torch.dtype:
+    if out_dtype is None:
+        return like.dtype
+    if not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating dtype or None, got {out_dtype}")
+    return out_dtype
+
+
+def quantize_pot_q(weight: torch.Tensor, weight_bits: int = 5, noise: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """weight (any shape, floating) -> sign(w) * 2^p, p in [-(2^(b-1)-1), 0]; same shape, dtype
+    out_dtype (default: the weight's), rounded once from the exact float64 value."""
+    dtype = _out_dtype(out_dtype, weight)
     lo, hi = shift_range(weight_bits, "q")
     w = weight.to(torch.float64)
     a = w.abs().clamp(2.0 ** lo, 1.0)
@@ -52,17 +65,19 @@ def quantize_pot_q(weight: torch.Tensor, weight_bits: int = 5, noise: torch.Tens
         p = _round_exponent(torch.log2(a), noise)
     p = p.clamp(lo, hi)
     out = torch.sign(w) * torch.exp2(p)
-    return torch.where(w.isnan(), w, out).to(weight.dtype)  # NaN stays NaN (torch.sign(NaN) is 0)
+    return torch.where(w.isnan(), w, out).to(dtype)  # NaN stays NaN (torch.sign(NaN) is 0)
 
 
 def quantize_pot_ps(shift: torch.Tensor, sign: torch.Tensor, weight_bits: int = 5,
-                    noise: torch.Tensor | None = None) -> torch.Tensor:
-    """shift P and sign S (same shape, floating) -> 2^round(P) * sign(round(S)); dtype of P."""
+                    noise: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """shift P and sign S (same shape, floating) -> 2^round(P) * sign(round(S)); dtype
+    out_dtype (default: P's)."""
+    dtype = _out_dtype(out_dtype, shift)
     lo, hi = shift_range(weight_bits, "ps")
     p = _round_exponent(shift.to(torch.float64).clamp(lo, hi), noise)
     s = torch.sign(torch.round(sign.to(torch.float64)))
     out = torch.exp2(p) * s
-    return out.masked_fill(shift.isnan() | sign.isnan(), float("nan")).to(shift.dtype)
+    return out.masked_fill(shift.isnan() | sign.isnan(), float("nan")).to(dtype)
 
 
 def round_to_fixed(x: torch.Tensor, int_bits: int = 16, frac_bits: int = 16) -> torch.Tensor:
