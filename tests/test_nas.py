@@ -269,6 +269,30 @@ def test_pipeline_quick_writes_the_report(tmp_path, preset):
     assert os.path.exists(out / "search" / "best.json")
 
 
+def test_pipeline_scores_each_candidate_by_its_mean_over_seeds(tmp_path):
+    out = tmp_path / "main"
+    nas_main("pipeline", ["--quick", "--out", str(out), "--random", "2", "--epochs", "1", "--seeds", "2"])
+    results = json.loads((out / "retrain.json").read_text())
+    for r in results:
+        assert r["seeds"] == [0, 1] and len(r["test_accs"]) == 2
+        assert r["test_acc"] == pytest.approx(sum(r["test_accs"]) / 2)
+    report = (out / "report.md").read_text()
+    assert "retrained 2 time(s)" in report and "standard error" in report
+
+
+def test_verdict_difference_and_standard_error():
+    from shiftadd.nas.pipeline import verdict
+
+    res = [{"name": "searched", "test_acc": 0.98, "test_accs": [0.97, 0.98, 0.99]},
+           {"name": "all-conv", "test_acc": 0.99},
+           {"name": "random-1", "test_acc": 0.96}, {"name": "random-2", "test_acc": 0.98}]
+    v = verdict(res)
+    assert v["diff"] == pytest.approx(0.01) and v["beats"]
+    # se = sqrt(0.01^2 / 3 + sd(0.96, 0.98)^2 / 2) = sqrt(1e-4 / 3 + 2e-4 / 2)
+    assert v["se"] == pytest.approx((1e-4 / 3 + 2e-4 / 2) ** 0.5)
+    assert verdict(res[:2]) is None
+
+
 def test_remap_gradients_are_bit_identical_from_call_to_call():
     """The remap's per-bin gradients are sums over many weights; indexing's backward added
     them with atomics on the CPU (different bits each run, so a seeded search picked
@@ -286,3 +310,12 @@ def test_remap_gradients_are_bit_identical_from_call_to_call():
 
     first = grads()
     assert all(torch.equal(first, grads()) for _ in range(20))
+
+
+def test_a_diverging_supernet_stops_with_a_clear_error(space, digits, tmp_path):
+    _, (xt, yt), (xv, yv) = digits
+    cfg = SearchConfig(strategy="random", share="hetero", supernet_epochs=1, lr=1e12, random_samples=1)
+    s = Search(space, TensorData(xt[:256], yt[:256], xv[:64], yv[:64]), GeneCosts(space), cfg, str(tmp_path),
+               log=lambda m: None)
+    with pytest.raises(RuntimeError, match="diverged in epoch 1.*lower the learning rate"):
+        s.run()

@@ -31,6 +31,7 @@ search resumed with ``resume=True`` ends exactly where an uninterrupted one does
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -268,10 +269,11 @@ class Search:
                 gene = self.space.sample(self.rng)
                 logits = self.net(x, gene)
                 loss = self.net.loss(logits, y)
+                lv = self._finite(loss, gene)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
-                total, n = total + loss.item(), n + 1
+                total, n = total + lv, n + 1
                 total_ce += F.cross_entropy(logits.detach(), y).item()
             self.epoch += 1
             self.history.append({"phase": "supernet", "epoch": self.epoch, "loss": total / max(1, n),
@@ -282,6 +284,16 @@ class Search:
             self.save()
         self.phase = "evo" if self.cfg.strategy == "evo" else "random"
         self.save()
+
+    def _finite(self, loss: torch.Tensor, gene: Optional[dict]) -> float:
+        """loss.item(), or a clear error when the supernet's training diverged (a NaN latent
+        weight would otherwise surface later as an out-of-range remap bin index)."""
+        v = loss.item()
+        if not math.isfinite(v):
+            what = f" on subnet {[l['op'] + str(l['k']) for l in gene['layers']]}" if gene else ""
+            raise RuntimeError(f"supernet training diverged in epoch {self.epoch + 1}{what}: the loss is {v}; "
+                               f"lower the learning rate (lr {self._lr_at(self.epoch):.3g})")
+        return v
 
     def _parents(self) -> list:
         """The best `parents` feasible candidates evaluated so far."""
@@ -382,10 +394,11 @@ class Search:
             for (xw, yw), (xa, ya) in zip(w_batches, a_batches):
                 probs = [F.softmax(a.detach() / temp, 0) for a in self.alphas]
                 loss = self.net.loss(self._mixed_forward(xw, probs), yw)
+                lv = self._finite(loss, None)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
-                tot += loss.item()
+                tot += lv
                 if search_alpha:
                     probs = [F.softmax(a / temp, 0) for a in self.alphas]
                     energy = sum((p * e).sum() for p, e in zip(probs, e_table))
