@@ -48,6 +48,22 @@ inline void check_float_pair(const char* op, const at::Tensor& x, const at::Tens
   TORCH_CHECK(w.device() == x.device(), op, ": weight is on ", w.device(), " but x is on ", x.device());
 }
 
+// The quantized adder (adder_linear_int8): x (N, K) and weight (O, K) int8 -> (N, O) int32.
+// |x - w| <= 255, so the exact sum fits in int32 up to this K (the Python side has the same
+// limit: shiftadd/reference/adder.py ADDER_INT8_MAX_K).
+constexpr int64_t kAdderInt8MaxK = 2147483647LL / 255;
+
+inline void check_adder_int8(const char* op, const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == at::kChar, op, ": x must be int8, got ", x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == at::kChar, op, ": weight must be int8, got ", w.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (N, K), got ", x.dim(), "-D");
+  TORCH_CHECK(w.dim() == 2, op, ": weight must be 2-D (O, K), got ", w.dim(), "-D");
+  TORCH_CHECK(x.size(1) == w.size(1), op, ": x has ", x.size(1), " features, weight expects ", w.size(1));
+  TORCH_CHECK(x.size(1) <= kAdderInt8MaxK, op, ": K = ", x.size(1), " exceeds ", kAdderInt8MaxK,
+              ", beyond which the int32 sum could overflow");
+  TORCH_CHECK(x.device() == w.device(), op, ": weight is on ", w.device(), " but x is on ", x.device());
+}
+
 // Argument checks of the power-of-two quantizers, shared by the CPU and CUDA
 // implementations (csrc/cpu/shift.cpp, csrc/cuda/shift.cpp).
 inline void check_noise(const char* op, const at::Tensor& ref, const c10::optional<at::Tensor>& noise) {

@@ -21,6 +21,7 @@ from ._dispatch import BackendUnavailable, explain, use_backend
 from .functional import (
     adder_conv2d,
     adder_linear,
+    adder_linear_int8,
     quantize_pot,
     round_to_fixed,
     shift_conv2d,
@@ -40,4 +41,5 @@ __all__ = [
     "adder_linear", "adder_conv2d", "shift_linear", "shift_conv2d", "quantize_pot", "round_to_fixed",
     "use_backend", "explain", "BackendUnavailable", "convert", "nn", "__version__",
     "pack_pot", "unpack_pot", "PackedPoT", "pack_model", "shift_linear_packed", "shift_linear_int",
+    "adder_linear_int8",
 ]

@@ -55,6 +55,8 @@ DTYPES = {
 # subset it ran (scripts/gpu_validate.sh).  Raw torch.ops calls of its quantizers with bad
 # arguments crashed there (test_quantizers_reject_bad_arguments); the public functions
 # validate those arguments in Python before dispatch.
+# Its quantizer kernels were rewritten for out_dtype on 2026-11-23: compile-checked and run in
+# a host emulation of the launch (every dtype pair, aligned and not), not yet on a GPU.
 # "triton" is not listed: its adder property tests did not finish inside the time limit on
 # that run, and its packed linear measured slower than cuBLAS bf16 (benchmarks/RESULTS.md).
 # Order on CUDA (AUTO_ORDER): cuda before triton, because cuda's forward was faster on every
@@ -65,6 +67,8 @@ GPU_VALIDATED: frozenset = frozenset({"cuda"})
 GPU_NOT_YET_RUN: dict = {
     ("cuda", "shift_linear_packed"): "its packed GEMV kernel (2026-11-22) is compile-checked but has not run on a GPU",
     ("triton", "shift_linear_packed"): "its split-K GEMV path (2026-11-22) ran only under the Triton interpreter",
+    ("cuda", "adder_linear_int8"): "its __vsadu4 kernel (2026-11-23) is compile-checked and ran in a host emulation, "
+                                   "not on a GPU",
 }
 # A validation run on a new GPU or toolkit can let `auto` use backends not yet listed:
 # SHIFTADD_GPU_VALIDATED=cuda,triton (read at import).

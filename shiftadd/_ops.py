@@ -33,6 +33,9 @@ mixed-precision step in one pass.  Their gradients come back in the input's dtyp
 Packed power-of-two families (inference only; layout in shiftadd/packed.py; backends
 "cpu", "reference", and "cuda" / "triton" for the float one): ``shift_linear_packed`` x (N, K) float -> (N, O) x's dtype;
 ``shift_linear_int`` x_int (N, K) signed integer -> (N, O) int64, bit-exact shifts.
+
+Quantized adder (inference only; backends "cpu", "cuda", "reference"):
+``adder_linear_int8`` x (N, K) int8, weight (O, K) int8 -> (N, O) int32, -sum |x - w| exactly.
 """
 
 from __future__ import annotations
@@ -64,13 +67,19 @@ QUANT_SCHEMAS = {
     "round_to_fixed": "(Tensor x, int int_bits, int frac_bits) -> Tensor",
 }
 
+# Quantized adder inference (integer, exact): x (N, K) int8, weight (O, K) int8 -> (N, O) int32.
+INT8_ADDER_SCHEMAS = {
+    "adder_linear_int8": "(Tensor x, Tensor weight) -> Tensor",
+}
+
 _PACKED_ARGS = "Tensor codes, Tensor scales, Tensor zero_codes, int bits, int out_features, int in_features"
 PACKED_SCHEMAS = {
     "shift_linear_packed": f"(Tensor x, {_PACKED_ARGS}, Tensor? bias) -> Tensor",
     "shift_linear_int": f"(Tensor x_int, {_PACKED_ARGS}) -> Tensor",
 }
 
-SCHEMAS = {**ADDER_SCHEMAS, **QUANT_SCHEMAS, **PACKED_SCHEMAS}
+SCHEMAS = {**ADDER_SCHEMAS, **QUANT_SCHEMAS, **PACKED_SCHEMAS, **INT8_ADDER_SCHEMAS}
+INFERENCE_ONLY = (*PACKED_SCHEMAS, *INT8_ADDER_SCHEMAS)
 
 # Which families each backend implements.  A backend that lacks a family is skipped by
 # the dispatcher with that reason.
@@ -185,6 +194,13 @@ def _fake_round_to_fixed(x, int_bits, frac_bits):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _fake_adder_linear_int8(x, weight):
+    from .reference.adder import check_adder_int8
+
+    check_adder_int8("adder_linear_int8", x, weight)
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.int32)
+
+
 def _fake_shift_linear_packed(x, codes, scales, zero_codes, bits, out_features, in_features, bias):
     from .reference.shift import check_packed
 
@@ -246,10 +262,12 @@ def _no_double_backward(name: str):
 
 
 def _inference_only(name: str):
+    how = ("a packed weight has no gradient (and neither has its input through it); train the unpacked "
+           "ShiftLinear / ShiftConv2d and pack() it afterwards" if name in PACKED_SCHEMAS else
+           "integer operands have no gradient; train the float AdderLinear and quantize it afterwards")
+
     def backward(ctx, *grads):
-        raise RuntimeError(f"shiftadd::{name} is inference-only: a packed weight has no gradient (and neither has "
-                           "its input through it); train the unpacked ShiftLinear / ShiftConv2d and pack() it "
-                           "afterwards")
+        raise RuntimeError(f"shiftadd::{name} is inference-only: {how}")
 
     return backward
 
@@ -299,7 +317,7 @@ def _finish_registration(backend: str, family: str) -> None:
         torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], setup_context=_save_input_dtype, lib=LIB)
     elif family in _QUANT_BACKWARD:  # straight-through: nothing to save
         torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], lib=LIB)
-    elif family in PACKED_SCHEMAS:
+    elif family in INFERENCE_ONLY:
         torch.library.register_autograd(qualname, _inference_only(family), lib=LIB)
     else:
         torch.library.register_autograd(qualname, _no_double_backward(family), lib=LIB)

@@ -4,6 +4,7 @@ Adder (AdderNet) layers, ``Y = -sum |X - W| (+ bias)``:
 
 * :func:`adder_linear`  x (*, K), weight (O, K), bias (O,) -> (*, O)
 * :func:`adder_conv2d`  x (N, C, H, W) or (C, H, W), weight (O, C/groups, kh, kw) -> (N, O, Ho, Wo)
+* :func:`adder_linear_int8`  x (*, K) int8, weight (O, K) int8 -> (*, O) int32, exact (inference)
 
 Shift (DeepShift) layers: a power-of-two weight, then an ordinary matmul/conv (the
 weight is exact in any float dtype):
@@ -121,6 +122,32 @@ def adder_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     y = _dispatch.get_op("adder_linear", x2)(x2, weight, grad_mode)
     if bias is not None:
         y = y + bias
+    return y.reshape(*lead, weight.shape[0])
+
+
+def adder_linear_int8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Quantized adder linear layer, exact in integers (inference only).
+
+    x (*, K) int8, weight (O, K) int8 -> (*, O) int32, ``-sum_k |x[..., k] - weight[o, k]|``
+    with no rounding anywhere (K up to 8,421,504, where the int32 sum could overflow).
+    With a common scale s for activations and weights (x ~ s * x_q, W ~ s * W_q) the float
+    layer's output is about ``s * y``: see :class:`shiftadd.nn.AdderLinearInt8`.
+    """
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int8:
+            raise TypeError(f"{name} must be an int8 tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be (..., {weight.shape[1]}), got shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
+    # the backend is chosen by device (the dtype table lists float dtypes only)
+    backend = _dispatch.select("adder_linear_int8", torch.empty((), device=x2.device))
+    y = _ops.op(backend, "adder_linear_int8")(x2, weight)
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -108,5 +108,12 @@ cudaError_t packed_gemv(DType dt, const void* x, int64_t sxn, const uint8_t* cod
 cudaError_t packed_decode(DType dt, const uint8_t* codes, int64_t row_bytes, const int32_t* scales,
                           const int32_t* zero_codes, int bits, void* w, int64_t O, int64_t K, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------
+// Quantized adder (csrc/cuda/adder_int8_kernels.cu): y[n, o] = -sum_k |x[n, k] - w[o, k]|,
+// exactly, for x (N, K) and w (O, K) int8 with row strides sxn and swo (unit column
+// stride) and y (N, O) int32, contiguous.  K <= 2^31 / 255 (the caller checks).
+cudaError_t adder_linear_int8(const int8_t* x, int64_t sxn, const int8_t* w, int64_t swo, int32_t* y, int64_t N,
+                              int64_t O, int64_t K, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace shiftadd

@@ -9,6 +9,9 @@ step) it times every backend usable on the device, and for the forward the basel
 * ``mult``: the multiplication layer of the same shape (F.conv2d / F.linear: oneDNN on
   the CPU, cuDNN/cuBLAS on the GPU, TF32 off so both sides are fp32).
 
+Linear cases also time the quantized inference path (``adder_linear_int8``: int8 operands,
+exact int32 sums) against the same float32 baselines.
+
 Columns: ms (median), G adder-MAC/s, x unfold and x cdist (their time over this row's:
 speed-ups), / mult (this row's time over the multiplication layer's), peak MB (CUDA).
 """
@@ -186,6 +189,13 @@ def run_case(case: Case, device: torch.device, include_reference: bool = True, m
         add("grad weight (exact)", b, lambda: _ops.op(b, case.family + "_grad_weight")(g, x, w, *args, "exact"))
         t = add("train step", b, lambda: torch.autograd.grad(op(xg, wg, *args, "addernet"), (xg, wg), g))
         rows[-1]["/ mult"] = t / base["mult step"]
+    if not case.conv:  # the quantized inference path: int8 operands, exact int32 sums
+        xq = torch.randint(-128, 128, case.x, dtype=torch.int8, device=device)
+        wq = torch.randint(-128, 128, case.w, dtype=torch.int8, device=device)
+        for b in backends_for("adder_linear_int8", device, include_reference):
+            op8 = _ops.op(b, "adder_linear_int8")
+            t = add("forward int8 (exact)", b, lambda: op8(xq, wq))
+            rows[-1].update(_ratios(t, base, "mult"))
     return rows
 
 

@@ -1,6 +1,6 @@
-from .adder import AdderConv2d, AdderLinear, renormalize_eta_grads
+from .adder import AdderConv2d, AdderLinear, AdderLinearInt8, renormalize_eta_grads
 from .shift import ShiftConv2d, ShiftLinear
 from .packed import PackedShiftConv2d, PackedShiftLinear, pack_model
 from .shiftadd import ShiftAddConv2d
-__all__ = ["AdderConv2d", "AdderLinear", "renormalize_eta_grads", "ShiftConv2d", "ShiftLinear", "ShiftAddConv2d",
+__all__ = ["AdderConv2d", "AdderLinear", "AdderLinearInt8", "renormalize_eta_grads", "ShiftConv2d", "ShiftLinear", "ShiftAddConv2d",
            "PackedShiftLinear", "PackedShiftConv2d", "pack_model"]

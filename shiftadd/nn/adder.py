@@ -107,3 +107,55 @@ class AdderLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"eta={self.eta}, grad_mode={self.grad_mode}")
+
+
+class AdderLinearInt8(nn.Module):
+    """An :class:`AdderLinear` quantized for inference: int8 weights and activations on one
+    common scale ``s``, the L1 sum computed exactly in integers (:func:`shiftadd.functional.adder_linear_int8`):
+
+        x_q = clamp(round(x / s), -128, 127),  y = s * (-sum_k |x_q[k] - w_q[o, k]|) + bias.
+
+    |x - w| = s |x_q - w_q| up to the two roundings (at most s/2 each), so the output differs
+    from the float layer's by at most ``s * K`` (and much less on average).  Build it with
+    :meth:`from_float`; the input is (*, in_features) float, the output the input's dtype.
+    """
+
+    def __init__(self, weight_q: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
+            raise TypeError(f"weight_q must be a 2-D int8 tensor, got {weight_q.dtype} {tuple(weight_q.shape)}")
+        if not (isinstance(scale, float) and scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+        self.out_features, self.in_features = weight_q.shape
+        self.scale = scale
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, layer: "AdderLinear", act_absmax: float) -> "AdderLinearInt8":
+        """Quantizes `layer` with ``s = max(max|W|, act_absmax) / 127``; act_absmax is the
+        largest |activation| expected (e.g. measured on calibration data): larger inputs clip."""
+        if not isinstance(layer, AdderLinear):
+            raise TypeError(f"layer must be an AdderLinear, got {type(layer).__name__}")
+        if not (isinstance(act_absmax, (int, float)) and act_absmax >= 0 and math.isfinite(act_absmax)):
+            raise ValueError(f"act_absmax must be a finite number >= 0, got {act_absmax!r}")
+        top = max(float(layer.weight.abs().max()) if layer.weight.numel() else 0.0, float(act_absmax))
+        scale = (top / 127.0) if top > 0 else 1.0
+        wq = quantize_int8(layer.weight, scale)
+        return cls(wq, scale, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        y = SF.adder_linear_int8(quantize_int8(x, self.scale), self.weight_q).to(x.dtype) * self.scale
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:.4g}, "
+                f"bias={self.bias is not None}")
+
+
+def quantize_int8(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """clamp(round(t / scale), -128, 127) as int8 (round half to even)."""
+    return torch.round(t / scale).clamp_(-128, 127).to(torch.int8)

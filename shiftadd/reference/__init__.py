@@ -12,6 +12,7 @@ from .adder import (
     adder_linear,
     adder_linear_grad_input,
     adder_linear_grad_weight,
+    adder_linear_int8,
 )
 from .shift import (
     decode_pot,
@@ -25,7 +26,7 @@ from .shift import (
 
 __all__ = [
     "adder_linear", "adder_linear_grad_input", "adder_linear_grad_weight",
-    "adder_conv2d", "adder_conv2d_grad_input", "adder_conv2d_grad_weight",
+    "adder_conv2d", "adder_conv2d_grad_input", "adder_conv2d_grad_weight", "adder_linear_int8",
     "quantize_pot_q", "quantize_pot_ps", "round_to_fixed", "shift_range",
     "shift_linear_packed", "shift_linear_int", "decode_pot",
 ]

@@ -127,6 +127,45 @@ def adder_linear_grad_weight(grad_out, x, weight, grad_mode: str = "addernet"):
     return l1_grad_b(grad_out.to(acc), x.to(acc), weight.to(acc), grad_mode).to(weight.dtype)
 
 
+# |x - w| <= 255 for int8, so the int32 sum is exact up to this K (csrc/shiftadd.h kAdderInt8MaxK)
+ADDER_INT8_MAX_K = (2 ** 31 - 1) // 255
+
+
+def check_adder_int8(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The argument rules of adder_linear_int8 (shared with its fake kernel)."""
+    torch._check(x.dtype == torch.int8, lambda: f"{name}: x must be int8, got {x.dtype}")
+    torch._check(weight.dtype == torch.int8, lambda: f"{name}: weight must be int8, got {weight.dtype}")
+    torch._check(x.dim() == 2, lambda: f"{name}: x must be 2-D (N, K), got {x.dim()}-D")
+    torch._check(weight.dim() == 2, lambda: f"{name}: weight must be 2-D (O, K), got {weight.dim()}-D")
+    torch._check(x.shape[1] == weight.shape[1],
+                 lambda: f"{name}: x has {x.shape[1]} features, weight expects {weight.shape[1]}")
+    torch._check(x.shape[1] <= ADDER_INT8_MAX_K,
+                 lambda: f"{name}: K = {x.shape[1]} exceeds {ADDER_INT8_MAX_K}, beyond which the int32 sum "
+                         "could overflow")
+    torch._check(x.device == weight.device, lambda: f"{name}: weight is on {weight.device} but x is on {x.device}")
+
+
+def adder_linear_int8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (N, K) int8, weight (O, K) int8 -> (N, O) int32, ``-sum_k |x[n, k] - w[o, k]|``
+    exactly (integer arithmetic, in chunks of at most 2^22 differences)."""
+    check_adder_int8("adder_linear_int8", x, weight)
+    n, k = x.shape
+    o = weight.shape[0]
+    out = torch.zeros((n, o), dtype=torch.int32, device=x.device)
+    if n == 0 or o == 0 or k == 0:
+        return out
+    xi, wi = x.to(torch.int32), weight.to(torch.int32)
+    kb = min(k, 1 << 12)
+    ob = max(1, (1 << 22) // kb)
+    nb = max(1, (1 << 22) // (ob * kb))
+    for k0 in range(0, k, kb):
+        for n0 in range(0, n, nb):
+            a = xi[n0:n0 + nb, None, k0:k0 + kb]
+            for o0 in range(0, o, ob):
+                out[n0:n0 + nb, o0:o0 + ob] -= (a - wi[None, o0:o0 + ob, k0:k0 + kb]).abs_().sum(-1, dtype=torch.int32)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Conv2d: x (N, C, H, W), weight (O, C/groups, kh, kw)
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""The quantized adder inference path: adder_linear_int8 (exact integers) and AdderLinearInt8."""
+
+import pytest
+import torch
+from conftest import cpu_isas, op
+from hypothesis import given
+from hypothesis import strategies as st
+
+import shiftadd
+from shiftadd import _dispatch
+from shiftadd.nn import AdderLinear, AdderLinearInt8
+from shiftadd.reference.adder import ADDER_INT8_MAX_K
+
+FAMILY = "adder_linear_int8"
+
+
+def by_hand(x, w):
+    """-sum |x - w| in Python integers."""
+    return torch.tensor([[-sum(abs(int(a) - int(b)) for a, b in zip(xr.tolist(), wr.tolist())) for wr in w] for xr in x],
+                        dtype=torch.int64).reshape(x.shape[0], w.shape[0])
+
+
+def randint8(*shape, device="cpu"):
+    return torch.randint(-128, 128, shape, dtype=torch.int8, device=device)
+
+
+def backends(device):
+    dev = torch.device(device)
+    out = [b for b in ("cuda", "cpu") if _dispatch.why_not(b, FAMILY, dev, torch.float32) is None]
+    return out + ["reference"]
+
+
+def test_reference_by_hand_and_extremes():
+    x, w = randint8(3, 7), randint8(5, 7)
+    torch.testing.assert_close(op("reference", FAMILY)(x, w).long(), by_hand(x, w), rtol=0, atol=0)
+    lo = torch.full((2, 1000), -128, dtype=torch.int8)
+    hi = torch.full((3, 1000), 127, dtype=torch.int8)
+    assert op("reference", FAMILY)(lo, hi).eq(-255 * 1000).all()
+
+
+@pytest.mark.parametrize("n,k,o", [(1, 1, 1), (3, 127, 5), (1, 1000, 3), (127, 3, 1), (70, 33, 65), (5, 4, 130),
+                                   (0, 5, 3), (4, 0, 3), (4, 5, 0)])
+def test_every_backend_exact(device, n, k, o):
+    x, w = randint8(n, k, device=device), randint8(o, k, device=device)
+    want = by_hand(x.cpu(), w.cpu()).to(torch.int32)
+    for b in backends(device):
+        got = op(b, FAMILY)(x, w)
+        assert got.dtype == torch.int32 and got.device.type == torch.device(device).type, b
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, msg=f"{b} n={n} k={k} o={o}")
+
+
+@pytest.mark.parametrize("isa", cpu_isas() or ["generic"])
+@given(n=st.integers(1, 40), k=st.integers(1, 300), o=st.integers(1, 40))
+def test_cpu_every_instruction_set_matches_the_reference(isa, n, k, o):
+    if _dispatch.why_not("cpu", FAMILY, torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("no compiled cpu backend")
+    x, w = randint8(n, k), randint8(o, k)
+    old = _dispatch._C.cpu_isa()
+    _dispatch._C.set_cpu_isa(isa)
+    try:
+        got = op("cpu", FAMILY)(x, w)
+    finally:
+        _dispatch._C.set_cpu_isa(old)
+    torch.testing.assert_close(got, op("reference", FAMILY)(x, w), rtol=0, atol=0)
+
+
+def test_non_contiguous_and_offset_inputs(device):
+    base = randint8(70, 130, device=device)
+    w = randint8(9, 64, device=device)
+    for x in (base[:, 1:65], base[3:20, ::2][:, :64], base[:64, :64].t()):
+        want = by_hand(x.cpu(), w.cpu()).to(torch.int32)
+        for b in backends(device):
+            torch.testing.assert_close(op(b, FAMILY)(x, w).cpu(), want, rtol=0, atol=0, msg=b)
+
+
+def test_functional_leading_dims_and_dispatch(device):
+    x, w = randint8(2, 3, 50, device=device), randint8(7, 50, device=device)
+    y = shiftadd.adder_linear_int8(x, w)
+    assert y.shape == (2, 3, 7) and y.dtype == torch.int32
+    torch.testing.assert_close(y.reshape(6, 7).cpu(), by_hand(x.reshape(6, 50).cpu(), w.cpu()).int(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck(backend):
+    if _dispatch.why_not(backend, FAMILY, torch.device("cpu"), torch.float32) is not None:
+        pytest.skip(backend)
+    torch.library.opcheck(op(backend, FAMILY), (randint8(4, 37), randint8(5, 37)),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def test_bad_arguments_name_the_argument():
+    x, w = randint8(4, 8), randint8(3, 8)
+    with pytest.raises(TypeError, match="x must be an int8"):
+        shiftadd.adder_linear_int8(x.float(), w)
+    with pytest.raises(TypeError, match="weight must be an int8"):
+        shiftadd.adder_linear_int8(x, w.int())
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., 8\)"):
+        shiftadd.adder_linear_int8(randint8(4, 9), w)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        shiftadd.adder_linear_int8(x, randint8(3, 8, 1))
+    for b in ("cpu", "reference"):
+        if _dispatch.why_not(b, FAMILY, torch.device("cpu"), torch.float32) is not None:
+            continue
+        with pytest.raises(RuntimeError, match="x must be int8"):
+            op(b, FAMILY)(x.short(), w)
+        with pytest.raises(RuntimeError, match="features"):
+            op(b, FAMILY)(x, randint8(3, 9))
+    # past the K where the int32 sum could overflow: a clear error, checked before any work
+    big = torch.empty((1, ADDER_INT8_MAX_K + 1), dtype=torch.int8, device="meta")
+    with pytest.raises(RuntimeError, match="could overflow"):
+        op("reference", FAMILY)(big, big)
+
+
+def test_int8_layer_is_inference_only():
+    x, w = randint8(2, 8), randint8(3, 8)
+    y = op("reference", FAMILY)(x, w)
+    assert not y.requires_grad
+
+
+def test_adder_linear_int8_module_tracks_the_float_layer():
+    torch.manual_seed(0)
+    layer = AdderLinear(256, 64, bias=True)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(32, 256)
+    q = AdderLinearInt8.from_float(layer, act_absmax=float(x.abs().max()))
+    with torch.no_grad():
+        want, got = layer(x), q(x)
+    # each |x - w| moves by at most one step s (two roundings of s/2): |error| <= s K per output
+    assert (got - want).abs().max() <= q.scale * 256
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
+    assert q.weight_q.dtype == torch.int8 and q.weight_q.element_size() * q.weight_q.numel() == 64 * 256
+    sd = q.state_dict()
+    assert set(sd) == {"weight_q", "bias"}
+
+
+def test_adder_linear_int8_module_bad_arguments():
+    with pytest.raises(TypeError, match="AdderLinear"):
+        AdderLinearInt8.from_float(torch.nn.Linear(3, 2), 1.0)
+    with pytest.raises(ValueError, match="act_absmax"):
+        AdderLinearInt8.from_float(AdderLinear(3, 2), float("nan"))
+    q = AdderLinearInt8.from_float(AdderLinear(3, 2), 1.0)
+    with pytest.raises(TypeError, match="floating point"):
+        q(torch.ones(1, 3, dtype=torch.int64))
