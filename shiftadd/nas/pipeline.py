@@ -540,8 +540,8 @@ def write_report(out: str, space, results: list, archive: list, budget: float, e
                "difference")
         lines += ["", f"Searched net: test acc {v['searched']:.4f} +- {v['searched_sd']:.4f} ({v['seeds']} seeds); "
                       f"{v['random_n']} budget-matched random nets: {v['random_mean']:.4f} +- {v['random_sd']:.4f} "
-                      f"(mean +- sd over the nets). The searched net {word} the random mean by {v['diff']:+.4f} "
-                      f"(standard error {v['se']:.4f}; {sig})."]
+                      f"(mean +- sd over the nets). The searched net {word} the random mean: difference "
+                      f"{v['diff']:+.4f}, standard error {v['se']:.4f} ({sig})."]
     lines += ["", "Pareto front of the search (supernet val acc vs energy): pareto.png"]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
