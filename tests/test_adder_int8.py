@@ -142,3 +142,58 @@ def test_adder_linear_int8_module_bad_arguments():
     q = AdderLinearInt8.from_float(AdderLinear(3, 2), 1.0)
     with pytest.raises(TypeError, match="floating point"):
         q(torch.ones(1, 3, dtype=torch.int64))
+
+
+def _int8_conv_by_hand(layer_q, x):
+    """The int8 conv from its definition: quantize the padded input, then the float64
+    adder conv of the integer tensors (exact: integers below 2^53), times the scale."""
+    from shiftadd.nn.adder import quantize_int8
+
+    mode = "constant" if layer_q.padding_mode == "zeros" else layer_q.padding_mode
+    xq = quantize_int8(torch.nn.functional.pad(x, layer_q._reversed_padding_repeated_twice, mode=mode), layer_q.scale)
+    y = op("reference", "adder_conv2d")(xq.double(), layer_q.weight_q.double(), list(layer_q.stride), [0, 0],
+                                        list(layer_q.dilation), layer_q.groups, "addernet")
+    return y * layer_q.scale
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=(3, 1), dilation=2, padding=(2, 0)), dict(kernel_size=3, groups=2),
+                                dict(kernel_size=3, padding="same", padding_mode="reflect"), dict(kernel_size=1)])
+def test_adder_conv2d_int8_is_the_integer_conv_and_tracks_the_float_layer(kw, device):
+    from shiftadd.nn import AdderConv2d, AdderConv2dInt8
+
+    torch.manual_seed(0)
+    layer = AdderConv2d(4, 6, **kw).to(device)
+    x = torch.randn(2, 4, 9, 7, device=device)
+    q = AdderConv2dInt8.from_float(layer, act_absmax=float(x.abs().max()))
+    with torch.no_grad():
+        got, want = q(x), layer(x)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    # exactly the integer conv of the quantized operands
+    torch.testing.assert_close(got.double(), _int8_conv_by_hand(q, x), rtol=1e-6, atol=0)
+    k = layer.weight[0].numel()
+    assert (got - want).abs().max() <= q.scale * k
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    torch.testing.assert_close(q(x[0]), got[0])  # unbatched input
+
+
+def test_quantize_adders_int8_replaces_every_adder_layer():
+    from shiftadd.nn import AdderConv2d, AdderConv2dInt8, quantize_adders_int8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), AdderConv2d(4, 8, 3, padding=1),
+                                torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(), AdderLinear(8 * 36, 10))
+    model.eval()
+    x = torch.randn(16, 1, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+    quantize_adders_int8(model, [x[:8], (x[8:], None)])
+    assert isinstance(model[1], AdderConv2dInt8) and isinstance(model[5], AdderLinearInt8)
+    with torch.no_grad():
+        got = model(x)
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
+    assert ((got - want).norm() / want.norm()).item() < 5e-2
+    with pytest.raises(ValueError, match="no batch"):
+        quantize_adders_int8(torch.nn.Sequential(AdderLinear(3, 2)), [])
+    single = quantize_adders_int8(AdderLinear(3, 2), [torch.randn(4, 3)])
+    assert isinstance(single, AdderLinearInt8)

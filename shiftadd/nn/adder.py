@@ -11,6 +11,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as SF
@@ -138,12 +139,8 @@ class AdderLinearInt8(nn.Module):
         largest |activation| expected (e.g. measured on calibration data): larger inputs clip."""
         if not isinstance(layer, AdderLinear):
             raise TypeError(f"layer must be an AdderLinear, got {type(layer).__name__}")
-        if not (isinstance(act_absmax, (int, float)) and act_absmax >= 0 and math.isfinite(act_absmax)):
-            raise ValueError(f"act_absmax must be a finite number >= 0, got {act_absmax!r}")
-        top = max(float(layer.weight.abs().max()) if layer.weight.numel() else 0.0, float(act_absmax))
-        scale = (top / 127.0) if top > 0 else 1.0
-        wq = quantize_int8(layer.weight, scale)
-        return cls(wq, scale, layer.bias)
+        scale = _int8_scale(layer.weight, act_absmax)
+        return cls(quantize_int8(layer.weight, scale), scale, layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.dtype.is_floating_point:
@@ -156,6 +153,117 @@ class AdderLinearInt8(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+class AdderConv2dInt8(ConvArgs, nn.Module):
+    """An :class:`AdderConv2d` quantized for inference, exact in integers on one common scale
+    ``s`` for activations and weights (as :class:`AdderLinearInt8`): the (padded) input is
+    quantized to int8, its patches are gathered into an int8 column matrix (N Ho Wo rows
+    of C/groups kh kw bytes: an im2col, a quarter of float32's size), and each group is one
+    :func:`shiftadd.functional.adder_linear_int8` call.  Any stride, padding (mode),
+    dilation and groups.  Build it with :meth:`from_float`; input (N, C, H, W) or (C, H, W)
+    float, output the input's dtype.
+    """
+
+    def __init__(self, weight_q: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None, stride=1,
+                 padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros"):
+        super().__init__()
+        if weight_q.dtype != torch.int8 or weight_q.dim() != 4:
+            raise TypeError(f"weight_q must be a 4-D int8 tensor, got {weight_q.dtype} {tuple(weight_q.shape)}")
+        if not (isinstance(scale, float) and scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+        o, cg, kh, kw = weight_q.shape
+        self._init_conv_args(cg * groups, o, (kh, kw), stride, padding, dilation, groups, padding_mode)
+        self.scale = scale
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, layer: "AdderConv2d", act_absmax: float) -> "AdderConv2dInt8":
+        """Quantizes `layer` with ``s = max(max|W|, act_absmax) / 127`` (see AdderLinearInt8)."""
+        if not isinstance(layer, AdderConv2d):
+            raise TypeError(f"layer must be an AdderConv2d, got {type(layer).__name__}")
+        scale = _int8_scale(layer.weight, act_absmax)
+        return cls(quantize_int8(layer.weight, scale), scale, layer.bias, layer.stride, layer.padding, layer.dilation,
+                   layer.groups, layer.padding_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+        squeeze = x.dim() == 3
+        if squeeze:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        pads = self._reversed_padding_repeated_twice
+        xp = F.pad(x, pads, mode=mode) if any(pads) else x
+        xq = quantize_int8(xp, self.scale).contiguous()
+        n, c, h, w = xq.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"the input {tuple(x.shape)} is smaller than the (dilated) kernel")
+        sn, sc, s_h, s_w = xq.stride()
+        patches = xq.as_strided((n, c, ho, wo, kh, kw), (sn, sc, s_h * sh, s_w * sw, s_h * dh, s_w * dw))
+        g, cg, og = self.groups, c // self.groups, self.out_channels // self.groups
+        outs = []
+        for i in range(g):
+            cols = patches[:, i * cg:(i + 1) * cg].permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, cg * kh * kw)
+            wg = self.weight_q[i * og:(i + 1) * og].reshape(og, cg * kh * kw)
+            outs.append(SF.adder_linear_int8(cols, wg).view(n, ho, wo, og))
+        y = torch.cat(outs, dim=3).permute(0, 3, 1, 2).to(x.dtype) * self.scale
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
+        y = y.contiguous()
+        return y.squeeze(0) if squeeze else y
+
+    def extra_repr(self) -> str:
+        return self._conv_repr() + f", scale={self.scale:.4g}, bias={self.bias is not None}"
+
+
+def _int8_scale(weight: torch.Tensor, act_absmax: float) -> float:
+    if not (isinstance(act_absmax, (int, float)) and act_absmax >= 0 and math.isfinite(act_absmax)):
+        raise ValueError(f"act_absmax must be a finite number >= 0, got {act_absmax!r}")
+    top = max(float(weight.abs().max()) if weight.numel() else 0.0, float(act_absmax))
+    return (top / 127.0) if top > 0 else 1.0
+
+
 def quantize_int8(t: torch.Tensor, scale: float) -> torch.Tensor:
     """clamp(round(t / scale), -128, 127) as int8 (round half to even)."""
     return torch.round(t / scale).clamp_(-128, 127).to(torch.int8)
+
+
+@torch.no_grad()
+def quantize_adders_int8(model: nn.Module, calibration) -> nn.Module:
+    """Replaces every AdderLinear / AdderConv2d of `model` (in place) by its int8 version,
+    each with the scale ``max(max|W|, max|input|) / 127`` where max|input| is measured by
+    running `model` on each batch of `calibration` (an iterable of inputs, or of tuples
+    whose first element is the input).  Returns the model (in eval mode), or the int8 layer
+    when `model` is itself an adder layer."""
+    adders = {name: m for name, m in model.named_modules() if isinstance(m, (AdderLinear, AdderConv2d))}
+    if not adders:
+        return model
+    seen = {name: 0.0 for name in adders}
+    hooks = []
+    for name, m in adders.items():
+        def hook(mod, args, name=name):
+            seen[name] = max(seen[name], float(args[0].detach().abs().max()) if args[0].numel() else 0.0)
+        hooks.append(m.register_forward_pre_hook(hook))
+    model.eval()
+    batches = 0
+    try:
+        for batch in calibration:
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if batches == 0:
+        raise ValueError("calibration gave no batch")
+    for name, m in adders.items():
+        q = (AdderLinearInt8 if isinstance(m, AdderLinear) else AdderConv2dInt8).from_float(m, seen[name])
+        if name == "":  # the model is itself one adder layer
+            return q
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], q)
+    return model
