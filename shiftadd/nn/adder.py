@@ -145,8 +145,16 @@ class AdderLinearInt8(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.dtype.is_floating_point:
             raise TypeError(f"x must be floating point, got {x.dtype}")
-        y = SF.adder_linear_int8(quantize_int8(x, self.scale), self.weight_q).to(x.dtype) * self.scale
+        y = _dequantize(SF.adder_linear_int8(quantize_int8(x, self.scale), self.weight_q), self.scale, x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    # the scale travels with the state dict (a module built with another calibration
+    # would otherwise load these integers with the wrong scale)
+    def get_extra_state(self):
+        return {"scale": self.scale}
+
+    def set_extra_state(self, state):
+        self.scale = float(state["scale"])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:.4g}, "
@@ -211,11 +219,17 @@ class AdderConv2dInt8(ConvArgs, nn.Module):
             cols = patches[:, i * cg:(i + 1) * cg].permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, cg * kh * kw)
             wg = self.weight_q[i * og:(i + 1) * og].reshape(og, cg * kh * kw)
             outs.append(SF.adder_linear_int8(cols, wg).view(n, ho, wo, og))
-        y = torch.cat(outs, dim=3).permute(0, 3, 1, 2).to(x.dtype) * self.scale
+        y = _dequantize(torch.cat(outs, dim=3).permute(0, 3, 1, 2), self.scale, x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
         y = y.contiguous()
         return y.squeeze(0) if squeeze else y
+
+    def get_extra_state(self):
+        return {"scale": self.scale}
+
+    def set_extra_state(self, state):
+        self.scale = float(state["scale"])
 
     def extra_repr(self) -> str:
         return self._conv_repr() + f", scale={self.scale:.4g}, bias={self.bias is not None}"
@@ -228,9 +242,20 @@ def _int8_scale(weight: torch.Tensor, act_absmax: float) -> float:
     return (top / 127.0) if top > 0 else 1.0
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def quantize_int8(t: torch.Tensor, scale: float) -> torch.Tensor:
-    """clamp(round(t / scale), -128, 127) as int8 (round half to even)."""
-    return torch.round(t / scale).clamp_(-128, 127).to(torch.int8)
+    """clamp(round(t / scale), -128, 127) as int8 (round half to even), divided in float32
+    (float64 for float64 t): a 16-bit quotient would be rounded before the rounding to an integer."""
+    return torch.round(t.to(_wide(t.dtype)) / scale).clamp_(-128, 127).to(torch.int8)
+
+
+def _dequantize(y: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale * y (int32) in float32 (float64 for float64), then rounded once to dtype (a
+    float16 cast of the integer sum itself would overflow past 65504)."""
+    return (y.to(_wide(dtype)) * scale).to(dtype)
 
 
 @torch.no_grad()

@@ -156,8 +156,8 @@ def adder_linear_int8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return out
     xi, wi = x.to(torch.int32), weight.to(torch.int32)
     kb = min(k, 1 << 12)
-    ob = max(1, (1 << 22) // kb)
-    nb = max(1, (1 << 22) // (ob * kb))
+    ob = min(o, max(1, (1 << 22) // kb))
+    nb = min(n, max(1, (1 << 22) // (ob * kb)))
     for k0 in range(0, k, kb):
         for n0 in range(0, n, nb):
             a = xi[n0:n0 + nb, None, k0:k0 + kb]
