@@ -76,8 +76,9 @@ inline void check_noise(const char* op, const at::Tensor& ref, const c10::option
 }
 
 inline void check_out_dtype(const char* op, const c10::optional<at::ScalarType>& out_dtype) {
-  TORCH_CHECK(!out_dtype.has_value() || at::isFloatingType(*out_dtype), op,
-              ": out_dtype must be a floating dtype or None, got ", *out_dtype);
+  TORCH_CHECK(!out_dtype.has_value() || *out_dtype == at::kFloat || *out_dtype == at::kDouble ||
+                  *out_dtype == at::kHalf || *out_dtype == at::kBFloat16,
+              op, ": out_dtype must be float32, float64, float16, bfloat16 or None, got ", *out_dtype);
 }
 
 inline void check_quantize_q(const char* op, const at::Tensor& weight, int64_t weight_bits,

@@ -56,7 +56,8 @@ DTYPES = {
 # arguments crashed there (test_quantizers_reject_bad_arguments); the public functions
 # validate those arguments in Python before dispatch.
 # Its quantizer kernels were rewritten for out_dtype on 2026-11-23: compile-checked and run in
-# a host emulation of the launch (every dtype pair, aligned and not), not yet on a GPU.
+# a host emulation of the launch (float32 to bfloat16/float32/float64, aligned and not), not
+# yet on a GPU, so they are in GPU_NOT_YET_RUN below.
 # "triton" is not listed: its adder property tests did not finish inside the time limit on
 # that run, and its packed linear measured slower than cuBLAS bf16 (benchmarks/RESULTS.md).
 # Order on CUDA (AUTO_ORDER): cuda before triton, because cuda's forward was faster on every
@@ -69,6 +70,8 @@ GPU_NOT_YET_RUN: dict = {
     ("triton", "shift_linear_packed"): "its split-K GEMV path (2026-11-22) ran only under the Triton interpreter",
     ("cuda", "adder_linear_int8"): "its __vsadu4 kernel (2026-11-23) is compile-checked and ran in a host emulation, "
                                    "not on a GPU",
+    **{("cuda", f): "its elementwise kernel was rewritten for out_dtype (2026-11-23): compile-checked and run in a "
+                    "host emulation, not yet on a GPU" for f in ("quantize_pot_q", "quantize_pot_ps", "round_to_fixed")},
 }
 # A validation run on a new GPU or toolkit can let `auto` use backends not yet listed:
 # SHIFTADD_GPU_VALIDATED=cuda,triton (read at import).

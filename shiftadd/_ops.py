@@ -175,9 +175,12 @@ def _fake_adder_conv2d_grad_weight(grad_out, x, weight, stride, padding, dilatio
     return weight.new_empty(weight.shape)
 
 
+QUANT_OUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _check_out_dtype(name: str, out_dtype) -> None:
-    torch._check(out_dtype is None or out_dtype.is_floating_point,
-                 lambda: f"{name}: out_dtype must be a floating dtype or None, got {out_dtype}")
+    torch._check(out_dtype is None or out_dtype in QUANT_OUT_DTYPES,
+                 lambda: f"{name}: out_dtype must be float32, float64, float16, bfloat16 or None, got {out_dtype}")
 
 
 def _fake_quantize_pot_q(weight, weight_bits, noise, out_dtype=None):
@@ -276,22 +279,41 @@ def _save_input_dtype(ctx, inputs, output):
     ctx.in_dtype = inputs[0].dtype  # gradients go back in the input's dtype (out_dtype may differ)
 
 
-def _save_output(ctx, inputs, output):
-    _save_input_dtype(ctx, inputs, output)
-    ctx.save_for_backward(output)  # PS: dL/dP needs W
+def _ps_autograd(backend: str):
+    """setup_context / backward of quantize_pot_ps: dL/dP needs W.  W is saved as the
+    output when that holds it exactly (every power of two of the PS range is exact in
+    float32, float64 and bfloat16); a float16 output of a wider input may have flushed
+    small weights to 0, so then the inputs are saved and W is recomputed in the input's
+    dtype (the gradients are those of quantizing in that dtype and casting)."""
+    fwd = op(backend, "quantize_pot_ps")
+
+    def setup_context(ctx, inputs, output):
+        shift, sign, bits, noise = inputs[:4]
+        ctx.in_dtype = shift.dtype
+        ctx.recompute = output.dtype == torch.float16 and shift.dtype != torch.float16
+        if ctx.recompute:
+            ctx.bits = bits
+            ctx.save_for_backward(shift, sign, noise)
+        else:
+            ctx.save_for_backward(output)
+
+    def backward(ctx, grad):
+        g = grad.to(ctx.in_dtype)
+        if ctx.recompute:
+            shift, sign, noise = ctx.saved_tensors
+            w = fwd(shift.detach(), sign.detach(), ctx.bits, noise)
+        else:
+            (w,) = ctx.saved_tensors
+            w = w.to(ctx.in_dtype)
+        # dL/dP = dL/dW * W * ln 2 ; dL/dS = dL/dW (round, sign and clamp are straight-through)
+        return g * w * math.log(2.0), g, None, None, None
+
+    return setup_context, backward
 
 
 def _quantize_pot_q_backward(ctx, grad):
     # straight-through: dL/dW = dL/dWq
     return grad.to(ctx.in_dtype), None, None, None
-
-
-def _quantize_pot_ps_backward(ctx, grad):
-    (w,) = ctx.saved_tensors
-    g = grad.to(ctx.in_dtype)
-    # dL/dP = dL/dW * W * ln 2 ; dL/dS = dL/dW (round, sign and clamp are straight-through);
-    # W is a power of two (or 0), exact in any dtype it was written in
-    return g * w.to(ctx.in_dtype) * math.log(2.0), g, None, None, None
 
 
 def _round_to_fixed_backward(ctx, grad):
@@ -300,7 +322,6 @@ def _round_to_fixed_backward(ctx, grad):
 
 _QUANT_BACKWARD = {
     "quantize_pot_q": _quantize_pot_q_backward,
-    "quantize_pot_ps": _quantize_pot_ps_backward,
     "round_to_fixed": _round_to_fixed_backward,
 }
 
@@ -312,7 +333,8 @@ def _finish_registration(backend: str, family: str) -> None:
         setup, bwd = _adder_autograd(backend, family)
         torch.library.register_autograd(qualname, bwd, setup_context=setup, lib=LIB)
     elif family == "quantize_pot_ps":
-        torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], setup_context=_save_output, lib=LIB)
+        setup, bwd = _ps_autograd(backend)
+        torch.library.register_autograd(qualname, bwd, setup_context=setup, lib=LIB)
     elif family == "quantize_pot_q":
         torch.library.register_autograd(qualname, _QUANT_BACKWARD[family], setup_context=_save_input_dtype, lib=LIB)
     elif family in _QUANT_BACKWARD:  # straight-through: nothing to save

@@ -151,6 +151,59 @@ def test_quantize_to_out_dtype_bit_exact(backend, dtype, out_dtype, device, bits
             torch.testing.assert_close(got, op(backend, fam)(*args).to(out_dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_quantize_every_dtype_pair_with_special_values(backend, device):
+    """Every input/output dtype pair (bits 2, 5, 8), with NaN, zeros of both signs and tiny
+    values, against the reference bit for bit (NaN positions and signs of zeros too)."""
+    usable(backend, "quantize_pot_q", device, torch.float32)
+    specials = [float("nan"), 0.0, -0.0, 1e-40, -(2.0 ** -127), 2.0 ** -25, -(2.0 ** -24), 2.0 ** -14, 0.7, -3.0]
+    for dtype in DTYPES:
+        for out in OUT_DTYPES:
+            if backend == "triton" and (torch.float64 in (dtype, out) or (is_interpreted(backend, device)
+                                                                          and torch.bfloat16 in (dtype, out))):
+                continue
+            w = torch.cat([torch.tensor(specials), torch.randn(500) * 0.3]).to(dtype).to(device)
+            p = torch.cat([torch.tensor(specials), torch.rand(500) * 20 - 17]).to(dtype).to(device)
+            sg = torch.cat([torch.tensor(specials).flip(0), torch.rand(500) * 2 - 1]).to(dtype).to(device)
+            for bits in (2, 5, 8):
+                for fam, args in (("quantize_pot_q", (w, bits, None)), ("quantize_pot_ps", (p, sg, bits, None))):
+                    got, want = op(backend, fam)(*args, out), op("reference", fam)(*args, out)
+                    what = f"{fam} {dtype}->{out} b={bits}"
+                    assert got.dtype == out, what
+                    assert torch.equal(got.isnan(), want.isnan()), what
+                    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want)), what
+                    assert torch.equal(got.signbit() & ~got.isnan(), want.signbit() & ~want.isnan()), what
+
+
+def test_ps_gradient_keeps_weights_below_float16_range(device):
+    """dL/dP = dL/dW * W * ln 2 with W as quantized in the input's dtype, also when the
+    float16 output flushed W to 0 (8 bits: exponents down to 2^-126)."""
+    p = torch.tensor([-30.0, -26.0, -3.0, -100.0], device=device, requires_grad=True)
+    s = torch.ones(4, device=device, requires_grad=True)
+    for backend in ("cpu", "reference"):
+        if _dispatch.why_not(backend, "quantize_pot_ps", torch.device(device), torch.float32) is not None:
+            continue
+        wq = op(backend, "quantize_pot_ps")(p, s, 8, None, torch.float16)
+        assert wq[0].item() == 0.0 and wq[2].item() == 0.125  # 2^-30 is below float16's range
+        g = torch.ones(4, device=device, dtype=torch.float16)
+        gp, gs = torch.autograd.grad(wq, (p, s), g)
+        w32 = op(backend, "quantize_pot_ps")(p.detach(), s.detach(), 8, None)
+        torch.testing.assert_close(gp, w32 * math.log(2.0), rtol=0, atol=0)
+        assert gp[0].item() > 0 and gs.dtype == torch.float32
+
+
+def test_quantize_out_dtype_only_the_four_float_dtypes():
+    w = torch.randn(4)
+    for backend in ("cpu", "reference"):
+        with pytest.raises((RuntimeError, TypeError), match="out_dtype must be float32"):
+            op(backend, "quantize_pot_q")(w, 5, None, torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="out_dtype must be float32"):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode:
+            op("cpu", "quantize_pot_q")(mode.from_tensor(w), 5, None, torch.float8_e4m3fn)
+
+
 def test_quantize_to_float16_rounds_tiny_powers_once():
     """2^-25 is half-way between float16's 0 and 2^-24: round to even gives 0; 2^-24 stays."""
     w = torch.tensor([2.0 ** -25, -(2.0 ** -24), 2.0 ** -30, 0.5], dtype=torch.float32)

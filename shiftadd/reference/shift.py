@@ -45,8 +45,8 @@ def _round_exponent(v: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor
 def _out_dtype(out_dtype, like: torch.Tensor) -> torch.dtype:
     if out_dtype is None:
         return like.dtype
-    if not out_dtype.is_floating_point:
-        raise TypeError(f"out_dtype must be a floating dtype or None, got {out_dtype}")
+    if out_dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"out_dtype must be float32, float64, float16, bfloat16 or None, got {out_dtype}")
     return out_dtype
 
 
