@@ -290,7 +290,18 @@ def test_verdict_difference_and_standard_error():
     assert v["diff"] == pytest.approx(0.01) and v["beats"]
     # se = sqrt(0.01^2 / 3 + sd(0.96, 0.98)^2 / 2) = sqrt(1e-4 / 3 + 2e-4 / 2)
     assert v["se"] == pytest.approx((1e-4 / 3 + 2e-4 / 2) ** 0.5)
+    assert v["z"] == pytest.approx(0.01 / v["se"])
     assert verdict(res[:2]) is None
+    one_seed = [dict(res[0], test_accs=[0.98])] + res[1:]
+    assert verdict(one_seed)["se"] is None and verdict(one_seed)["z"] is None  # a spread of one value is unknown
+    tie = [dict(res[0], test_accs=[0.97, 0.97], test_acc=0.97), {"name": "random-1", "test_acc": 0.97},
+           {"name": "random-2", "test_acc": 0.97}]
+    assert verdict(tie)["z"] == 0.0 and not verdict(tie)["beats"]
+
+
+def test_pipeline_rejects_a_seed_count_below_one(tmp_path):
+    with pytest.raises(ValueError, match="--seeds must be at least 1"):
+        nas_main("pipeline", ["--quick", "--out", str(tmp_path), "--seeds", "0"])
 
 
 def test_remap_gradients_are_bit_identical_from_call_to_call():

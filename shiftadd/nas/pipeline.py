@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -367,6 +368,8 @@ def rank_parser() -> argparse.ArgumentParser:
 def run_rank(a, log=print) -> dict:
     from scipy.stats import kendalltau
 
+    if a.standalone_seeds < 1:
+        raise ValueError(f"--standalone-seeds must be at least 1, got {a.standalone_seeds}")
     splits = load_data(a.data, a.data_dir, a.upscale)
     space = space_for(a.space, splits)
     rng = random.Random(a.seed)
@@ -381,7 +384,7 @@ def run_rank(a, log=print) -> dict:
     standalone = []
     for i, g in enumerate(genes):
         accs = [retrain(space, g, splits, a.standalone_epochs, a.seed + k, None, device=a.device, costs=costs)["val_acc"]
-                for k in range(max(1, a.standalone_seeds))]
+                for k in range(a.standalone_seeds)]
         standalone.append(statistics.mean(accs))
         log(f"stand-alone {i + 1}/{len(genes)}: val acc {standalone[-1]:.4f} (mean of {len(accs)} seeds)")
     xt, yt = tensors(splits.train)
@@ -437,9 +440,9 @@ def run_pipeline(a, log=print) -> dict:
     e_ref = costs(space.uniform(ref_op))["energy_uJ"]
     budget = a.budget_frac * e_ref
     epochs = a.epochs or (3 if a.quick else 20)
-    seeds = [a.seed + i for i in range(a.seeds or (1 if a.quick else 3))]
-    if not seeds:
-        raise ValueError("--seeds must be at least 1")
+    if a.seeds is not None and a.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {a.seeds}")
+    seeds = [a.seed + i for i in range(a.seeds if a.seeds is not None else (1 if a.quick else 3))]
     log(f"[pipeline] space {space.name}, energy budget {budget:.3f} uJ ({a.budget_frac:.0%} of all-{ref_op} "
         f"{e_ref:.3f} uJ), retraining {epochs} epochs x {len(seeds)} seeds")
 
@@ -506,10 +509,12 @@ def verdict(results: list) -> Optional[dict]:
         return None
     accs = searched.get("test_accs", [searched["test_acc"]])
     diff = searched["test_acc"] - statistics.mean(rand)
-    se = (_sd(accs) ** 2 / len(accs) + _sd(rand) ** 2 / len(rand)) ** 0.5
+    # a spread needs two values on each side; with one seed or one random net it is unknown
+    se = (_sd(accs) ** 2 / len(accs) + _sd(rand) ** 2 / len(rand)) ** 0.5 if min(len(accs), len(rand)) > 1 else None
+    z = None if se is None else (diff / se if se > 0 else 0.0 if diff == 0 else math.copysign(math.inf, diff))
     return {"searched": searched["test_acc"], "searched_sd": _sd(accs), "seeds": len(accs),
             "random_mean": statistics.mean(rand), "random_sd": _sd(rand), "random_n": len(rand), "diff": diff,
-            "se": se, "beats": diff > 0, "z": diff / se if se > 0 else float("inf") * (1 if diff > 0 else -1)}
+            "se": se, "beats": diff > 0, "z": z}
 
 
 def write_report(out: str, space, results: list, archive: list, budget: float, e_ref: float, ref_op: str,
@@ -536,12 +541,16 @@ def write_report(out: str, space, results: list, archive: list, budget: float, e
     v = verdict(results)
     if v is not None:
         word = "beats" if v["beats"] else "does not beat"
-        sig = ("more than 2 standard errors" if abs(v["z"]) > 2 else "within 2 standard errors: not a significant "
-               "difference")
+        if v["se"] is None:
+            err = "standard error not estimable: it needs at least 2 seeds and 2 random nets"
+        else:
+            sig = ("more than 2 standard errors" if abs(v["z"]) > 2 else "within 2 standard errors: not a "
+                   "significant difference")
+            err = f"standard error {v['se']:.4f} ({sig})"
         lines += ["", f"Searched net: test acc {v['searched']:.4f} +- {v['searched_sd']:.4f} ({v['seeds']} seeds); "
                       f"{v['random_n']} budget-matched random nets: {v['random_mean']:.4f} +- {v['random_sd']:.4f} "
                       f"(mean +- sd over the nets). The searched net {word} the random mean: difference "
-                      f"{v['diff']:+.4f}, standard error {v['se']:.4f} ({sig})."]
+                      f"{v['diff']:+.4f}, {err}."]
     lines += ["", "Pareto front of the search (supernet val acc vs energy): pareto.png"]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:

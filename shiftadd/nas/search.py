@@ -275,6 +275,7 @@ class Search:
                 self.opt.step()
                 total, n = total + lv, n + 1
                 total_ce += F.cross_entropy(logits.detach(), y).item()
+            self._check_parameters()
             self.epoch += 1
             self.history.append({"phase": "supernet", "epoch": self.epoch, "loss": total / max(1, n),
                                  "ce": total_ce / max(1, n), "seconds": time.time() - t0})
@@ -294,6 +295,15 @@ class Search:
             raise RuntimeError(f"supernet training diverged in epoch {self.epoch + 1}{what}: the loss is {v}; "
                                f"lower the learning rate (lr {self._lr_at(self.epoch):.3g})")
         return v
+
+    def _check_parameters(self) -> None:
+        """After an epoch: the last optimizer step may have made a weight non-finite."""
+        bad = [n for n, p in self.net.named_parameters() if not torch.isfinite(p).all()]
+        if self.alphas is not None and any(not torch.isfinite(a).all() for a in self.alphas):
+            bad.append("architecture logits")
+        if bad:
+            raise RuntimeError(f"supernet training diverged in epoch {self.epoch + 1}: {bad[:3]} became non-finite; "
+                               f"lower the learning rate (lr {self._lr_at(self.epoch):.3g})")
 
     def _parents(self) -> list:
         """The best `parents` feasible candidates evaluated so far."""
@@ -403,10 +413,12 @@ class Search:
                     probs = [F.softmax(a / temp, 0) for a in self.alphas]
                     energy = sum((p * e).sum() for p, e in zip(probs, e_table))
                     a_loss = F.cross_entropy(self._mixed_forward(xa, probs), ya) + c.energy_penalty * energy
+                    self._finite(a_loss, None)
                     self.alpha_opt.zero_grad(set_to_none=True)
                     self.opt.zero_grad(set_to_none=True)
                     a_loss.backward()
                     self.alpha_opt.step()
+            self._check_parameters()
             self.epoch += 1
             derived = self.derive()
             self.history.append({"phase": "darts", "epoch": self.epoch, "loss": tot, "temperature": temp,
