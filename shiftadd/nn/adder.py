@@ -205,19 +205,22 @@ class AdderConv2dInt8(ConvArgs, nn.Module):
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         pads = self._reversed_padding_repeated_twice
         xp = F.pad(x, pads, mode=mode) if any(pads) else x
-        xq = quantize_int8(xp, self.scale).contiguous()
-        n, c, h, w = xq.shape
+        # channels-last int8, so that each patch row (kh, kw, c) copies in runs of c bytes
+        # (gathering (c, kh, kw) rows from NCHW was 10x slower on a 32x16x32x32 input)
+        xq = quantize_int8(xp, self.scale).permute(0, 2, 3, 1).contiguous()
+        n, h, w, c = xq.shape
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
         if ho <= 0 or wo <= 0:
             raise ValueError(f"the input {tuple(x.shape)} is smaller than the (dilated) kernel")
-        sn, sc, s_h, s_w = xq.stride()
-        patches = xq.as_strided((n, c, ho, wo, kh, kw), (sn, sc, s_h * sh, s_w * sw, s_h * dh, s_w * dw))
+        sn, s_h, s_w, sc = xq.stride()
+        patches = xq.as_strided((n, ho, wo, kh, kw, c), (sn, s_h * sh, s_w * sw, s_h * dh, s_w * dw, sc))
         g, cg, og = self.groups, c // self.groups, self.out_channels // self.groups
+        wl = self.weight_q.permute(0, 2, 3, 1)  # (O, kh, kw, C/groups): the patch rows' order
         outs = []
         for i in range(g):
-            cols = patches[:, i * cg:(i + 1) * cg].permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, cg * kh * kw)
-            wg = self.weight_q[i * og:(i + 1) * og].reshape(og, cg * kh * kw)
+            cols = patches[..., i * cg:(i + 1) * cg].reshape(n * ho * wo, kh * kw * cg)
+            wg = wl[i * og:(i + 1) * og].reshape(og, kh * kw * cg)
             outs.append(SF.adder_linear_int8(cols, wg).view(n, ho, wo, og))
         y = _dequantize(torch.cat(outs, dim=3).permute(0, 3, 1, 2), self.scale, x.dtype)
         if self.bias is not None:
