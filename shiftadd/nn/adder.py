@@ -110,7 +110,33 @@ class AdderLinear(nn.Module):
                 f"eta={self.eta}, grad_mode={self.grad_mode}")
 
 
-class AdderLinearInt8(nn.Module):
+class _Int8State:
+    """What the int8 adder modules share: the int8 weight and float bias buffers, the common
+    scale (checked, and kept in the state dict: a module built with another calibration
+    would otherwise load the integers with the wrong scale)."""
+
+    def _init_int8(self, weight_q: torch.Tensor, dims: int, scale: float, bias: Optional[torch.Tensor]) -> None:
+        if weight_q.dtype != torch.int8 or weight_q.dim() != dims:
+            raise TypeError(f"weight_q must be a {dims}-D int8 tensor, got {weight_q.dtype} {tuple(weight_q.shape)}")
+        if not (isinstance(scale, float) and scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+        self.scale = scale
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def get_extra_state(self):
+        return {"scale": self.scale}
+
+    def set_extra_state(self, state):
+        self.scale = float(state["scale"])
+
+    @staticmethod
+    def _check_input(x: torch.Tensor) -> None:
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be floating point, got {x.dtype}")
+
+
+class AdderLinearInt8(_Int8State, nn.Module):
     """An :class:`AdderLinear` quantized for inference: int8 weights and activations on one
     common scale ``s``, the L1 sum computed exactly in integers (:func:`shiftadd.functional.adder_linear_int8`):
 
@@ -123,14 +149,8 @@ class AdderLinearInt8(nn.Module):
 
     def __init__(self, weight_q: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None):
         super().__init__()
-        if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
-            raise TypeError(f"weight_q must be a 2-D int8 tensor, got {weight_q.dtype} {tuple(weight_q.shape)}")
-        if not (isinstance(scale, float) and scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+        self._init_int8(weight_q, 2, scale, bias)
         self.out_features, self.in_features = weight_q.shape
-        self.scale = scale
-        self.register_buffer("weight_q", weight_q)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
     @torch.no_grad()
@@ -143,25 +163,16 @@ class AdderLinearInt8(nn.Module):
         return cls(quantize_int8(layer.weight, scale), scale, layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"x must be floating point, got {x.dtype}")
+        self._check_input(x)
         y = _dequantize(SF.adder_linear_int8(quantize_int8(x, self.scale), self.weight_q), self.scale, x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    # the scale travels with the state dict (a module built with another calibration
-    # would otherwise load these integers with the wrong scale)
-    def get_extra_state(self):
-        return {"scale": self.scale}
-
-    def set_extra_state(self, state):
-        self.scale = float(state["scale"])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:.4g}, "
                 f"bias={self.bias is not None}")
 
 
-class AdderConv2dInt8(ConvArgs, nn.Module):
+class AdderConv2dInt8(_Int8State, ConvArgs, nn.Module):
     """An :class:`AdderConv2d` quantized for inference, exact in integers on one common scale
     ``s`` for activations and weights (as :class:`AdderLinearInt8`): the (padded) input is
     quantized to int8, its patches are gathered into an int8 column matrix (N Ho Wo rows
@@ -174,15 +185,9 @@ class AdderConv2dInt8(ConvArgs, nn.Module):
     def __init__(self, weight_q: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None, stride=1,
                  padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros"):
         super().__init__()
-        if weight_q.dtype != torch.int8 or weight_q.dim() != 4:
-            raise TypeError(f"weight_q must be a 4-D int8 tensor, got {weight_q.dtype} {tuple(weight_q.shape)}")
-        if not (isinstance(scale, float) and scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+        self._init_int8(weight_q, 4, scale, bias)
         o, cg, kh, kw = weight_q.shape
         self._init_conv_args(cg * groups, o, (kh, kw), stride, padding, dilation, groups, padding_mode)
-        self.scale = scale
-        self.register_buffer("weight_q", weight_q)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
     @torch.no_grad()
@@ -195,8 +200,7 @@ class AdderConv2dInt8(ConvArgs, nn.Module):
                    layer.groups, layer.padding_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"x must be floating point, got {x.dtype}")
+        self._check_input(x)
         squeeze = x.dim() == 3
         if squeeze:
             x = x.unsqueeze(0)
@@ -227,12 +231,6 @@ class AdderConv2dInt8(ConvArgs, nn.Module):
             y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
         y = y.contiguous()
         return y.squeeze(0) if squeeze else y
-
-    def get_extra_state(self):
-        return {"scale": self.scale}
-
-    def set_extra_state(self, state):
-        self.scale = float(state["scale"])
 
     def extra_repr(self) -> str:
         return self._conv_repr() + f", scale={self.scale:.4g}, bias={self.bias is not None}"
