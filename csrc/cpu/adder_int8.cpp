@@ -4,18 +4,18 @@
 //   x (N, K) int8, weight (O, K) int8 -> y (N, O) int32,  y[n, o] = -sum_k |x[n, k] - w[o, k]|
 //
 // computed exactly: every |difference| is at most 255 and K is at most kAdderInt8MaxK
-// (shiftadd.h), so the sum fits in int32.  Both operands are biased by 128 (v ^ 0x80) into
-// uint8, which keeps every difference, and rows are zero-padded to a multiple of 32 bytes
-// (a zero pair adds |0 - 0| = 0).  vpsadbw (_mm256_sad_epu8 / _mm512_sad_epu8) sums 8
-// absolute byte differences into each 64-bit lane: a 2 (rows of x) x 4 (rows of w) register
-// tile keeps 8 such accumulators.  The AVX-512 version runs where the instruction set in use
-// is avx512 and the CPU has AVX-512BW; else AVX2; without AVX2 a scalar loop computes the
-// same sums.
+// (shiftadd.h), so the sum fits in int32.  The operands are read in place (no copy of the
+// weight per call): each vector is biased by 128 (v ^ 0x80) into unsigned bytes, which keeps
+// every difference, and vpsadbw (_mm256_sad_epu8 / _mm512_sad_epu8) sums 8 absolute byte
+// differences into each 64-bit lane.  A register tile of 2 (or, for one row of x, 1) rows
+// of x by 4 rows of w keeps one accumulator per pair; the last K % 32 (64) bytes of a row
+// go through a zero-filled buffer (zero on both sides adds nothing).  The AVX-512 version
+// runs where the instruction set in use is avx512 and the CPU has AVX-512BW; else AVX2;
+// without AVX2 a scalar loop computes the same sums.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,34 +32,31 @@ namespace shiftadd {
 namespace cpu {
 namespace {
 
-constexpr int64_t kRowAlign = 64;  // bytes per AVX-512 vector (two AVX2 vectors)
-constexpr int64_t kNB = 2, kOB = 4;  // register tile: rows of x by rows of w
+constexpr int64_t kOB = 4;  // rows of w per register tile (rows of x: 2, or 1 for N = 1)
 
-// rows x K int8 -> rows x Kp uint8, biased by 128, zero-padded
-std::vector<uint8_t> biased_rows(const int8_t* src, int64_t rows, int64_t K, int64_t Kp) {
-  std::vector<uint8_t> out(static_cast<size_t>(rows * Kp), 0);
-  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; r++) {
-      const int8_t* s = src + r * K;
-      uint8_t* d = out.data() + r * Kp;
-      for (int64_t k = 0; k < K; k++) d[k] = static_cast<uint8_t>(s[k]) ^ 0x80u;
-    }
-  });
-  return out;
-}
+struct Operands {
+  const int8_t* x;
+  const int8_t* w;
+  int64_t K, O;  // rows of x and w are K bytes apart (contiguous)
+  int32_t* y;    // (N, O), contiguous
+};
 
 // Scalar sums for the rows [n0, n1) x [o0, o1).
-void tile_generic(const uint8_t* xb, const uint8_t* wb, int64_t Kp, int64_t O, int64_t n0, int64_t n1, int64_t o0,
-                  int64_t o1, int32_t* y) {
+void tile_generic(const Operands& a, int64_t n0, int64_t n1, int64_t o0, int64_t o1) {
   for (int64_t n = n0; n < n1; n++) {
-    const uint8_t* xr = xb + n * Kp;
+    const int8_t* xr = a.x + n * a.K;
     for (int64_t o = o0; o < o1; o++) {
-      const uint8_t* wr = wb + o * Kp;
+      const int8_t* wr = a.w + o * a.K;
       int64_t acc = 0;
-      for (int64_t k = 0; k < Kp; k++) acc += std::abs(static_cast<int>(xr[k]) - static_cast<int>(wr[k]));
-      y[n * O + o] = static_cast<int32_t>(-acc);
+      for (int64_t k = 0; k < a.K; k++) acc += std::abs(static_cast<int>(xr[k]) - static_cast<int>(wr[k]));
+      a.y[n * a.O + o] = static_cast<int32_t>(-acc);
     }
   }
+}
+
+// The tail bytes [k0, K) of a row, biased, in a zero-filled vector-sized buffer.
+inline void tail_copy(const int8_t* row, int64_t k0, int64_t K, uint8_t* buf) {
+  for (int64_t k = k0; k < K; k++) buf[k - k0] = static_cast<uint8_t>(row[k]) ^ 0x80u;
 }
 
 #if SHIFTADD_X86
@@ -68,47 +65,70 @@ __attribute__((target("avx2"))) inline int64_t hsum64(__m256i v) {
   return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
 }
 
-// One tile of NB rows of x by OB rows of w (full tiles only).
+// One tile of NB rows of x by OB rows of w.
 template <int NB, int OB>
-__attribute__((target("avx2"))) void tile_avx2(const uint8_t* xb, const uint8_t* wb, int64_t Kp, int64_t O,
-                                               int64_t n0, int64_t o0, int32_t* y) {
+__attribute__((target("avx2"))) void tile_avx2(const Operands& a, int64_t n0, int64_t o0) {
+  constexpr int V = 32;
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
   __m256i acc[NB][OB];
   for (int i = 0; i < NB; i++)
     for (int j = 0; j < OB; j++) acc[i][j] = _mm256_setzero_si256();
-  const uint8_t* xr[NB];
-  const uint8_t* wr[OB];
-  for (int i = 0; i < NB; i++) xr[i] = xb + (n0 + i) * Kp;
-  for (int j = 0; j < OB; j++) wr[j] = wb + (o0 + j) * Kp;
-  for (int64_t k = 0; k < Kp; k += 32) {
+  const int8_t* xr[NB];
+  const int8_t* wr[OB];
+  for (int i = 0; i < NB; i++) xr[i] = a.x + (n0 + i) * a.K;
+  for (int j = 0; j < OB; j++) wr[j] = a.w + (o0 + j) * a.K;
+  const int64_t kv = a.K - a.K % V;
+  for (int64_t k = 0; k < kv; k += V) {
     __m256i xv[NB], wv[OB];
-    for (int i = 0; i < NB; i++) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[i] + k));
-    for (int j = 0; j < OB; j++) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
+    for (int i = 0; i < NB; i++)
+      xv[i] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[i] + k)), bias);
+    for (int j = 0; j < OB; j++)
+      wv[j] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k)), bias);
     for (int i = 0; i < NB; i++)
       for (int j = 0; j < OB; j++) acc[i][j] = _mm256_add_epi64(acc[i][j], _mm256_sad_epu8(xv[i], wv[j]));
   }
+  if (kv < a.K) {
+    alignas(32) uint8_t tx[NB][V] = {}, tw[OB][V] = {};
+    for (int i = 0; i < NB; i++) tail_copy(xr[i], kv, a.K, tx[i]);
+    for (int j = 0; j < OB; j++) tail_copy(wr[j], kv, a.K, tw[j]);
+    for (int i = 0; i < NB; i++)
+      for (int j = 0; j < OB; j++)
+        acc[i][j] = _mm256_add_epi64(acc[i][j], _mm256_sad_epu8(_mm256_load_si256(reinterpret_cast<const __m256i*>(tx[i])),
+                                                                _mm256_load_si256(reinterpret_cast<const __m256i*>(tw[j]))));
+  }
   for (int i = 0; i < NB; i++)
-    for (int j = 0; j < OB; j++) y[(n0 + i) * O + o0 + j] = static_cast<int32_t>(-hsum64(acc[i][j]));
+    for (int j = 0; j < OB; j++) a.y[(n0 + i) * a.O + o0 + j] = static_cast<int32_t>(-hsum64(acc[i][j]));
 }
 
 template <int NB, int OB>
-__attribute__((target("avx512f,avx512bw"))) void tile_avx512(const uint8_t* xb, const uint8_t* wb, int64_t Kp,
-                                                             int64_t O, int64_t n0, int64_t o0, int32_t* y) {
+__attribute__((target("avx512f,avx512bw"))) void tile_avx512(const Operands& a, int64_t n0, int64_t o0) {
+  constexpr int V = 64;
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i acc[NB][OB];
   for (int i = 0; i < NB; i++)
     for (int j = 0; j < OB; j++) acc[i][j] = _mm512_setzero_si512();
-  const uint8_t* xr[NB];
-  const uint8_t* wr[OB];
-  for (int i = 0; i < NB; i++) xr[i] = xb + (n0 + i) * Kp;
-  for (int j = 0; j < OB; j++) wr[j] = wb + (o0 + j) * Kp;
-  for (int64_t k = 0; k < Kp; k += 64) {
+  const int8_t* xr[NB];
+  const int8_t* wr[OB];
+  for (int i = 0; i < NB; i++) xr[i] = a.x + (n0 + i) * a.K;
+  for (int j = 0; j < OB; j++) wr[j] = a.w + (o0 + j) * a.K;
+  const int64_t kv = a.K - a.K % V;
+  for (int64_t k = 0; k < kv; k += V) {
     __m512i xv[NB], wv[OB];
-    for (int i = 0; i < NB; i++) xv[i] = _mm512_loadu_si512(xr[i] + k);
-    for (int j = 0; j < OB; j++) wv[j] = _mm512_loadu_si512(wr[j] + k);
+    for (int i = 0; i < NB; i++) xv[i] = _mm512_xor_si512(_mm512_loadu_si512(xr[i] + k), bias);
+    for (int j = 0; j < OB; j++) wv[j] = _mm512_xor_si512(_mm512_loadu_si512(wr[j] + k), bias);
     for (int i = 0; i < NB; i++)
       for (int j = 0; j < OB; j++) acc[i][j] = _mm512_add_epi64(acc[i][j], _mm512_sad_epu8(xv[i], wv[j]));
   }
+  if (kv < a.K) {
+    alignas(64) uint8_t tx[NB][V] = {}, tw[OB][V] = {};
+    for (int i = 0; i < NB; i++) tail_copy(xr[i], kv, a.K, tx[i]);
+    for (int j = 0; j < OB; j++) tail_copy(wr[j], kv, a.K, tw[j]);
+    for (int i = 0; i < NB; i++)
+      for (int j = 0; j < OB; j++)
+        acc[i][j] = _mm512_add_epi64(acc[i][j], _mm512_sad_epu8(_mm512_load_si512(tx[i]), _mm512_load_si512(tw[j])));
+  }
   for (int i = 0; i < NB; i++)
-    for (int j = 0; j < OB; j++) y[(n0 + i) * O + o0 + j] = static_cast<int32_t>(-_mm512_reduce_add_epi64(acc[i][j]));
+    for (int j = 0; j < OB; j++) a.y[(n0 + i) * a.O + o0 + j] = static_cast<int32_t>(-_mm512_reduce_add_epi64(acc[i][j]));
 }
 
 bool has_avx512bw() {
@@ -116,31 +136,45 @@ bool has_avx512bw() {
   return yes;
 }
 
-template <void (*FULL)(const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, int64_t, int32_t*),
-          void (*ONE)(const uint8_t*, const uint8_t*, int64_t, int64_t, int64_t, int64_t, int32_t*)>
-void run_tiles(const uint8_t* xb, const uint8_t* wb, int64_t N, int64_t O, int64_t Kp, int32_t* y) {
-  const int64_t nt = (N + kNB - 1) / kNB, ot = (O + kOB - 1) / kOB;
+// Full tiles of NB x kOB, edge tiles one pair at a time.
+template <int NB, void (*FULL)(const Operands&, int64_t, int64_t), void (*ONE)(const Operands&, int64_t, int64_t)>
+void run_tiles(const Operands& a, int64_t N) {
+  const int64_t nt = (N + NB - 1) / NB, ot = (a.O + kOB - 1) / kOB;
   at::parallel_for(0, nt * ot, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; t++) {
-      const int64_t n0 = (t / ot) * kNB, o0 = (t % ot) * kOB;
-      const int64_t n1 = std::min(N, n0 + kNB), o1 = std::min(O, o0 + kOB);
-      if (n1 - n0 == kNB && o1 - o0 == kOB) {
-        FULL(xb, wb, Kp, O, n0, o0, y);
-      } else {  // an edge tile: one row of x by one row of w at a time
+      const int64_t n0 = (t / ot) * NB, o0 = (t % ot) * kOB;
+      const int64_t n1 = std::min(N, n0 + NB), o1 = std::min(a.O, o0 + kOB);
+      if (n1 - n0 == NB && o1 - o0 == kOB) {
+        FULL(a, n0, o0);
+      } else {
         for (int64_t n = n0; n < n1; n++)
-          for (int64_t o = o0; o < o1; o++) ONE(xb, wb, Kp, O, n, o, y);
+          for (int64_t o = o0; o < o1; o++) ONE(a, n, o);
       }
     }
   });
 }
+
+void run_avx2(const Operands& a, int64_t N) {
+  if (N == 1)
+    run_tiles<1, tile_avx2<1, kOB>, tile_avx2<1, 1>>(a, N);
+  else
+    run_tiles<2, tile_avx2<2, kOB>, tile_avx2<1, 1>>(a, N);
+}
+
+void run_avx512(const Operands& a, int64_t N) {
+  if (N == 1)
+    run_tiles<1, tile_avx512<1, kOB>, tile_avx512<1, 1>>(a, N);
+  else
+    run_tiles<2, tile_avx512<2, kOB>, tile_avx512<1, 1>>(a, N);
+}
 #endif
 
-void run_generic(const uint8_t* xb, const uint8_t* wb, int64_t N, int64_t O, int64_t Kp, int32_t* y) {
-  const int64_t nt = (N + kNB - 1) / kNB, ot = (O + kOB - 1) / kOB;
+void run_generic(const Operands& a, int64_t N) {
+  const int64_t nt = (N + 1) / 2, ot = (a.O + kOB - 1) / kOB;
   at::parallel_for(0, nt * ot, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; t++) {
-      const int64_t n0 = (t / ot) * kNB, o0 = (t % ot) * kOB;
-      tile_generic(xb, wb, Kp, O, n0, std::min(N, n0 + kNB), o0, std::min(O, o0 + kOB), y);
+      const int64_t n0 = (t / ot) * 2, o0 = (t % ot) * kOB;
+      tile_generic(a, n0, std::min(N, n0 + 2), o0, std::min(a.O, o0 + kOB));
     }
   });
 }
@@ -154,22 +188,19 @@ at::Tensor adder_linear_int8(const at::Tensor& x, const at::Tensor& weight) {
   at::Tensor y = at::empty({N, O}, x.options().dtype(at::kInt));
   if (N == 0 || O == 0) return y;
   if (K == 0) return y.zero_();
-  const int64_t Kp = (K + kRowAlign - 1) / kRowAlign * kRowAlign;
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  const std::vector<uint8_t> xb = biased_rows(xc.const_data_ptr<int8_t>(), N, K, Kp);
-  const std::vector<uint8_t> wb = biased_rows(wc.const_data_ptr<int8_t>(), O, K, Kp);
-  int32_t* yp = y.mutable_data_ptr<int32_t>();
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();  // no copy when already contiguous
+  const Operands a{xc.const_data_ptr<int8_t>(), wc.const_data_ptr<int8_t>(), K, O, y.mutable_data_ptr<int32_t>()};
 #if SHIFTADD_X86
   if (current_isa() == Isa::Avx512 && has_avx512bw()) {
-    run_tiles<tile_avx512<kNB, kOB>, tile_avx512<1, 1>>(xb.data(), wb.data(), N, O, Kp, yp);
+    run_avx512(a, N);
     return y;
   }
   if (current_isa() != Isa::Generic) {
-    run_tiles<tile_avx2<kNB, kOB>, tile_avx2<1, 1>>(xb.data(), wb.data(), N, O, Kp, yp);
+    run_avx2(a, N);
     return y;
   }
 #endif
-  run_generic(xb.data(), wb.data(), N, O, Kp, yp);
+  run_generic(a, N);
   return y;
 }
 
