@@ -60,76 +60,43 @@ inline void tail_copy(const int8_t* row, int64_t k0, int64_t K, uint8_t* buf) {
 }
 
 #if SHIFTADD_X86
-__attribute__((target("avx2"))) inline int64_t hsum64(__m256i v) {
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+inline int64_t hsum64(__m256i v) {
   const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
 }
+#define SA_V 32
+#define SA_VEC __m256i
+#define SA_ZERO() _mm256_setzero_si256()
+#define SA_SET1(b) _mm256_set1_epi8(b)
+#define SA_LOADU(p) _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+#define SA_LOAD(p) _mm256_load_si256(reinterpret_cast<const __m256i*>(p))
+#define SA_XOR(a, b) _mm256_xor_si256(a, b)
+#define SA_ADD64(a, b) _mm256_add_epi64(a, b)
+#define SA_SAD(a, b) _mm256_sad_epu8(a, b)
+#define SA_HSUM(a) hsum64(a)
+#include "cpu/adder_int8_tile.inc"
+}  // namespace avx2
+#pragma GCC pop_options
 
-// One tile of NB rows of x by OB rows of w.
-template <int NB, int OB>
-__attribute__((target("avx2"))) void tile_avx2(const Operands& a, int64_t n0, int64_t o0) {
-  constexpr int V = 32;
-  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
-  __m256i acc[NB][OB];
-  for (int i = 0; i < NB; i++)
-    for (int j = 0; j < OB; j++) acc[i][j] = _mm256_setzero_si256();
-  const int8_t* xr[NB];
-  const int8_t* wr[OB];
-  for (int i = 0; i < NB; i++) xr[i] = a.x + (n0 + i) * a.K;
-  for (int j = 0; j < OB; j++) wr[j] = a.w + (o0 + j) * a.K;
-  const int64_t kv = a.K - a.K % V;
-  for (int64_t k = 0; k < kv; k += V) {
-    __m256i xv[NB], wv[OB];
-    for (int i = 0; i < NB; i++)
-      xv[i] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[i] + k)), bias);
-    for (int j = 0; j < OB; j++)
-      wv[j] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k)), bias);
-    for (int i = 0; i < NB; i++)
-      for (int j = 0; j < OB; j++) acc[i][j] = _mm256_add_epi64(acc[i][j], _mm256_sad_epu8(xv[i], wv[j]));
-  }
-  if (kv < a.K) {
-    alignas(32) uint8_t tx[NB][V] = {}, tw[OB][V] = {};
-    for (int i = 0; i < NB; i++) tail_copy(xr[i], kv, a.K, tx[i]);
-    for (int j = 0; j < OB; j++) tail_copy(wr[j], kv, a.K, tw[j]);
-    for (int i = 0; i < NB; i++)
-      for (int j = 0; j < OB; j++)
-        acc[i][j] = _mm256_add_epi64(acc[i][j], _mm256_sad_epu8(_mm256_load_si256(reinterpret_cast<const __m256i*>(tx[i])),
-                                                                _mm256_load_si256(reinterpret_cast<const __m256i*>(tw[j]))));
-  }
-  for (int i = 0; i < NB; i++)
-    for (int j = 0; j < OB; j++) a.y[(n0 + i) * a.O + o0 + j] = static_cast<int32_t>(-hsum64(acc[i][j]));
-}
-
-template <int NB, int OB>
-__attribute__((target("avx512f,avx512bw"))) void tile_avx512(const Operands& a, int64_t n0, int64_t o0) {
-  constexpr int V = 64;
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512i acc[NB][OB];
-  for (int i = 0; i < NB; i++)
-    for (int j = 0; j < OB; j++) acc[i][j] = _mm512_setzero_si512();
-  const int8_t* xr[NB];
-  const int8_t* wr[OB];
-  for (int i = 0; i < NB; i++) xr[i] = a.x + (n0 + i) * a.K;
-  for (int j = 0; j < OB; j++) wr[j] = a.w + (o0 + j) * a.K;
-  const int64_t kv = a.K - a.K % V;
-  for (int64_t k = 0; k < kv; k += V) {
-    __m512i xv[NB], wv[OB];
-    for (int i = 0; i < NB; i++) xv[i] = _mm512_xor_si512(_mm512_loadu_si512(xr[i] + k), bias);
-    for (int j = 0; j < OB; j++) wv[j] = _mm512_xor_si512(_mm512_loadu_si512(wr[j] + k), bias);
-    for (int i = 0; i < NB; i++)
-      for (int j = 0; j < OB; j++) acc[i][j] = _mm512_add_epi64(acc[i][j], _mm512_sad_epu8(xv[i], wv[j]));
-  }
-  if (kv < a.K) {
-    alignas(64) uint8_t tx[NB][V] = {}, tw[OB][V] = {};
-    for (int i = 0; i < NB; i++) tail_copy(xr[i], kv, a.K, tx[i]);
-    for (int j = 0; j < OB; j++) tail_copy(wr[j], kv, a.K, tw[j]);
-    for (int i = 0; i < NB; i++)
-      for (int j = 0; j < OB; j++)
-        acc[i][j] = _mm512_add_epi64(acc[i][j], _mm512_sad_epu8(_mm512_load_si512(tx[i]), _mm512_load_si512(tw[j])));
-  }
-  for (int i = 0; i < NB; i++)
-    for (int j = 0; j < OB; j++) a.y[(n0 + i) * a.O + o0 + j] = static_cast<int32_t>(-_mm512_reduce_add_epi64(acc[i][j]));
-}
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+namespace avx512 {
+#define SA_V 64
+#define SA_VEC __m512i
+#define SA_ZERO() _mm512_setzero_si512()
+#define SA_SET1(b) _mm512_set1_epi8(b)
+#define SA_LOADU(p) _mm512_loadu_si512(p)
+#define SA_LOAD(p) _mm512_load_si512(p)
+#define SA_XOR(a, b) _mm512_xor_si512(a, b)
+#define SA_ADD64(a, b) _mm512_add_epi64(a, b)
+#define SA_SAD(a, b) _mm512_sad_epu8(a, b)
+#define SA_HSUM(a) _mm512_reduce_add_epi64(a)
+#include "cpu/adder_int8_tile.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 
 bool has_avx512bw() {
   static const bool yes = __builtin_cpu_supports("avx512bw");
@@ -156,16 +123,16 @@ void run_tiles(const Operands& a, int64_t N) {
 
 void run_avx2(const Operands& a, int64_t N) {
   if (N == 1)
-    run_tiles<1, tile_avx2<1, kOB>, tile_avx2<1, 1>>(a, N);
+    run_tiles<1, avx2::tile<1, kOB>, avx2::tile<1, 1>>(a, N);
   else
-    run_tiles<2, tile_avx2<2, kOB>, tile_avx2<1, 1>>(a, N);
+    run_tiles<2, avx2::tile<2, kOB>, avx2::tile<1, 1>>(a, N);
 }
 
 void run_avx512(const Operands& a, int64_t N) {
   if (N == 1)
-    run_tiles<1, tile_avx512<1, kOB>, tile_avx512<1, 1>>(a, N);
+    run_tiles<1, avx512::tile<1, kOB>, avx512::tile<1, 1>>(a, N);
   else
-    run_tiles<2, tile_avx512<2, kOB>, tile_avx512<1, 1>>(a, N);
+    run_tiles<2, avx512::tile<2, kOB>, avx512::tile<1, 1>>(a, N);
 }
 #endif
 
