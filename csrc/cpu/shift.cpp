@@ -5,8 +5,8 @@
 //   quantize_pot_ps(P, S, b, noise)  sign(round(S)) * 2^round(clamp(P, -(2^(b-1)-2), 0))
 //   round_to_fixed(x, i, f)          clamp(floor(x 2^f) 2^-f, -2^(i-1), 2^(i-1) - 1)
 //
-// The quantizers write out_dtype (default: the input's) directly: the exact double result
-// is converted once, as static_cast from double (through float for the 16-bit types).
+// The quantizers write out_dtype (default: the input's): the exact double result is
+// converted once (see to_out and compute_out below).
 // round() is half-to-even (torch.round); with `noise` u in [0, 1) it is stochastic,
 // floor(v) + (u < frac(v)).  round(log2 a) is computed exactly from the IEEE exponent
 // and mantissa, without log2; 2^p from the exponent bits.  The element loops are plain
@@ -158,17 +158,16 @@ void fixed_kernel(const T* __restrict x, T* __restrict out, int64_t n, A scale, 
 // 4x slower than float32 and a conversion, measured on 2048^2).
 inline at::ScalarType compute_out(at::ScalarType want) { return want == at::kHalf ? at::kFloat : want; }
 
-// f(O{}) for the output dtype of a quantizer (the four floating dtypes)
+// f(O{}) for the dtype a quantizer's loop writes (compute_out of a checked out_dtype)
 template <typename F>
 void dispatch_out(const char* op, at::ScalarType t, F&& f) {
   switch (t) {
     case at::kFloat: return f(float());
     case at::kDouble: return f(double());
-    case at::kHalf: return f(at::Half());
     case at::kBFloat16: return f(at::BFloat16());
     default: break;
   }
-  TORCH_CHECK(false, op, ": out_dtype must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(false, op, ": internal error: no quantizer loop writes ", t);
 }
 
 at::Tensor quantize_pot_q(const at::Tensor& weight, int64_t weight_bits, const c10::optional<at::Tensor>& noise,
