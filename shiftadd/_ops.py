@@ -175,10 +175,9 @@ def _fake_adder_conv2d_grad_weight(grad_out, x, weight, stride, padding, dilatio
     return weight.new_empty(weight.shape)
 
 
-QUANT_OUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def _check_out_dtype(name: str, out_dtype) -> None:
+    from .reference.shift import QUANT_OUT_DTYPES
+
     torch._check(out_dtype is None or out_dtype in QUANT_OUT_DTYPES,
                  lambda: f"{name}: out_dtype must be float32, float64, float16, bfloat16 or None, got {out_dtype}")
 

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from . import _dispatch, _ops
 from .reference.adder import GRAD_MODES
+from .reference.shift import QUANT_OUT_DTYPES
 
 SHIFT_MODES = ("q", "ps", "pot")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ROUNDINGS = ("deterministic", "stochastic")
 
 IntPair = Union[int, Sequence[int]]
@@ -253,9 +253,8 @@ def quantize_pot(weight: torch.Tensor, weight_bits: int = 5, *, mode: str = "q",
     _check_tensor("weight", weight)
     if not isinstance(weight_bits, int) or not 2 <= weight_bits <= 8:
         raise ValueError(f"weight_bits must be an int in [2, 8], got {weight_bits!r}")
-    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point
-                                  or out_dtype not in _FLOAT_DTYPES):
-        raise TypeError(f"out_dtype must be None or one of {_FLOAT_DTYPES}, got {out_dtype!r}")
+    if out_dtype is not None and out_dtype not in QUANT_OUT_DTYPES:
+        raise TypeError(f"out_dtype must be None or one of {QUANT_OUT_DTYPES}, got {out_dtype!r}")
     if mode == "q":
         if sign is not None:
             raise ValueError("sign is only used with mode='ps'")

@@ -42,10 +42,14 @@ def _round_exponent(v: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor
     return fl + (noise.to(torch.float64) < v - fl).to(v.dtype)
 
 
+# The dtypes a quantizer may write (out_dtype), in every backend and the fake kernels.
+QUANT_OUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _out_dtype(out_dtype, like: torch.Tensor) -> torch.dtype:
     if out_dtype is None:
         return like.dtype
-    if out_dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    if out_dtype not in QUANT_OUT_DTYPES:
         raise TypeError(f"out_dtype must be float32, float64, float16, bfloat16 or None, got {out_dtype}")
     return out_dtype
 
