@@ -229,17 +229,23 @@ def forced_backend() -> str:
 
 def select(family: str, x: torch.Tensor) -> str:
     """The backend that runs `family` on tensors like `x` (device and dtype)."""
+    return select_on(family, x.device, x.dtype)
+
+
+def select_on(family: str, device: torch.device, dtype: torch.dtype) -> str:
+    """:func:`select` from a device and a dtype (the integer families, whose operands'
+    dtypes the DTYPES table does not list, pass the float32 of their float twins)."""
     forced = _forced
     if forced != "auto":
         if forced not in BACKENDS:
             raise BackendUnavailable(f"SHIFTADD_BACKEND={forced!r} is not a backend; choose from {BACKENDS + ('auto',)}")
-        reason = why_not(forced, family, x.device, x.dtype)
+        reason = why_not(forced, family, device, dtype)
         if reason is not None:
             raise BackendUnavailable(f"backend {forced!r} was forced but cannot run shiftadd.{family} on "
-                                     f"{x.device} {x.dtype}: {reason}")
+                                     f"{device} {dtype}: {reason}")
         return forced
-    for name in AUTO_ORDER.get(x.device.type, ("reference",)):
-        if why_not(name, family, x.device, x.dtype) is None and auto_eligible(name, family):
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
+        if why_not(name, family, device, dtype) is None and auto_eligible(name, family):
             return name
     return "reference"
 

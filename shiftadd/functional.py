@@ -145,8 +145,7 @@ def adder_linear_int8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
-    # the backend is chosen by device (the dtype table lists float dtypes only)
-    backend = _dispatch.select("adder_linear_int8", torch.empty((), device=x2.device))
+    backend = _dispatch.select_on("adder_linear_int8", x2.device, torch.float32)  # chosen by device
     y = _ops.op(backend, "adder_linear_int8")(x2, weight)
     return y.reshape(*lead, weight.shape[0])
 
@@ -421,7 +420,7 @@ def shift_linear_int(x_int: torch.Tensor, packed) -> torch.Tensor:
                         f"{x_int.dtype if isinstance(x_int, torch.Tensor) else type(x_int).__name__}")
     x2, lead = _packed_operands("shift_linear_int", x_int, packed)
     # the backend is chosen by device (the dtype table lists float dtypes only)
-    backend = _dispatch.select("shift_linear_int", torch.empty((), device=x2.device))
+    backend = _dispatch.select_on("shift_linear_int", x2.device, torch.float32)
     y = _ops.op(backend, "shift_linear_int")(x2, packed.codes, packed.scales, packed.zero_codes, packed.bits,
                                              packed.out_features, packed.in_features)
     return y.reshape(*lead, packed.out_features)
