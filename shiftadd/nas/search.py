@@ -292,8 +292,7 @@ class Search:
         v = loss.item()
         if not math.isfinite(v):
             what = f" on subnet {[l['op'] + str(l['k']) for l in gene['layers']]}" if gene else ""
-            raise RuntimeError(f"supernet training diverged in epoch {self.epoch + 1}{what}: the loss is {v}; "
-                               f"lower the learning rate (lr {self._lr_at(self.epoch):.3g})")
+            raise self._diverged(f"{what}: the loss is {v}")
         return v
 
     def _check_parameters(self) -> None:
@@ -302,8 +301,11 @@ class Search:
         if self.alphas is not None and any(not torch.isfinite(a).all() for a in self.alphas):
             bad.append("architecture logits")
         if bad:
-            raise RuntimeError(f"supernet training diverged in epoch {self.epoch + 1}: {bad[:3]} became non-finite; "
-                               f"lower the learning rate (lr {self._lr_at(self.epoch):.3g})")
+            raise self._diverged(f": {bad[:3]} became non-finite")
+
+    def _diverged(self, what: str) -> RuntimeError:
+        return RuntimeError(f"supernet training diverged in epoch {self.epoch + 1}{what}; lower the learning rate "
+                            f"(lr {self._lr_at(self.epoch):.3g})")
 
     def _parents(self) -> list:
         """The best `parents` feasible candidates evaluated so far."""
