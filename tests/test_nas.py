@@ -149,6 +149,36 @@ def test_gene_net_builds_each_operator(space, op):
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_gene_net_shift_layers_are_the_supernets_deepshift_q_unless_told(space):
+    from shiftadd.nn import ShiftConv2d
+
+    gene = space.uniform("shiftadd")
+    gene["layers"][0]["op"] = "shift"
+    modes = {m.mode for m in GeneNet(space, gene).modules() if isinstance(m, ShiftConv2d)}
+    assert modes == {"q"}
+    modes = {m.mode for m in GeneNet(space, gene, mode="ps").modules() if isinstance(m, ShiftConv2d)}
+    assert modes == {"ps"}
+
+
+@pytest.mark.parametrize("mode,with_kwargs", [("q", True), ("ps", True), ("ps", False), ("q", False)])
+def test_saved_gene_net_rebuilds_with_its_shift_mode(space, tmp_path, mode, with_kwargs):
+    """A NAS model.pt loads with the layers it was saved with; files written before the
+    layer kwargs were saved are recognised by their PS (sign / shift) tensors."""
+    from shiftadd.nas.cost import _load_model_file
+
+    gene = space.uniform("shift")
+    gene["layers"][1]["op"] = "shiftadd"
+    torch.manual_seed(0)
+    net = GeneNet(space, gene, mode=mode).eval()
+    meta = {"gene": gene, "space": space.to_dict()}
+    if with_kwargs:
+        meta["layer_kwargs"] = net.layer_kwargs
+    torch.save({"state_dict": net.state_dict(), "meta": meta}, tmp_path / "model.pt")
+    loaded = _load_model_file(str(tmp_path / "model.pt"))
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+
+
 def test_gene_costs_order_and_sum(space):
     costs = GeneCosts(space)
     e = {op: costs(space.uniform(op))["energy_uJ"] for op in ("conv", "shift", "adder", "shiftadd")}

@@ -457,8 +457,12 @@ def _load_model_file(path: str) -> nn.Module:
             from .net import GeneNet
             from .space import SearchSpace
 
-            net = GeneNet(SearchSpace.from_dict(meta["space"]), meta["gene"])
             state = obj.get("state_dict", obj.get("model"))
+            kwargs = meta.get("layer_kwargs", obj.get("layer_kwargs"))
+            if kwargs is None:  # saved before the layer kwargs were: PS layers have sign / shift tensors
+                ps = state is not None and any(k.endswith((".sign", ".shift")) for k in state)
+                kwargs = {"mode": "ps" if ps else "q"}
+            net = GeneNet(SearchSpace.from_dict(meta["space"]), meta["gene"], **kwargs)
             if state is not None:
                 net.load_state_dict(state)
             return net.eval()

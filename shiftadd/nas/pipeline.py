@@ -27,7 +27,7 @@ import torch
 
 from .. import __version__
 from . import cost
-from .net import GeneNet
+from .net import SHIFT_MODE, GeneNet
 from .search import STRATEGIES, Search, SearchConfig, TensorData, pareto_front
 from .space import PRESETS, SHARE_OF_PRESET, STRATEGY_OF_PRESET, SearchSpace, count_ops, gene_key, get_space
 
@@ -101,13 +101,17 @@ def space_for(name_or_path: str, splits) -> SearchSpace:
     return get_space(name_or_path, splits.in_channels, splits.num_classes, splits.image_size)
 
 
-def _recipe_variant(gene: dict) -> str:
-    """The training recipe of a hybrid net (see shiftadd.train.recipe_for): Adam for
-    shift nets without adder layers (DeepShift-PS), SGD with a lower shift lr when adder
-    weights are present too (Adam's steps barely move N(0, 1) adder weights), else SGD."""
+def _recipe_variant(gene: dict, mode: str = SHIFT_MODE) -> str:
+    """The training recipe of a hybrid net (see shiftadd.train.recipe_for).  With
+    DeepShift-Q shift layers (the default, :data:`~shiftadd.nas.net.SHIFT_MODE`) every net
+    trains with SGD (lr 0.1, cosine).  With ``mode="ps"``: Adam for shift nets without adder
+    layers (DeepShift-PS), SGD with a lower shift lr when adder weights are present too
+    (Adam's steps barely move N(0, 1) adder weights), else SGD."""
     ops = count_ops(gene)
     shifty = ops.get("shift", 0) + ops.get("shiftadd", 0)
     addery = ops.get("adder", 0) + ops.get("shiftadd", 0)
+    if mode != "ps":
+        return "conv"  # the same SGD recipe as recipe_for("shift", mode="q"): Q has no P / S parameters
     if shifty and addery:
         return "shiftadd"
     return "shift" if shifty else "conv"
@@ -134,14 +138,16 @@ def retrain(space: SearchSpace, gene: dict, splits, epochs: int, seed: int = 0, 
         _, test_acc = evaluate(net, loaders.test, device)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
-            torch.save({"gene": gene, "space": space.to_dict(), "state_dict": net.state_dict()},
+            torch.save({"gene": gene, "space": space.to_dict(), "layer_kwargs": net.layer_kwargs,
+                        "state_dict": net.state_dict()},
                        os.path.join(out_dir, "model.pt"))
     else:
         torch.manual_seed(seed)
         net = GeneNet(space, gene)
-        recipe = recipe_for(_recipe_variant(gene), splits.name)
+        recipe = recipe_for(_recipe_variant(gene, net.layer_kwargs["mode"]), splits.name)
         hist = train(net, splits, epochs=epochs, recipe=recipe, out_dir=out_dir, seed=seed, device=device,
-                     progress=progress, meta={"gene": gene, "space": space.to_dict()})
+                     progress=progress, meta={"gene": gene, "space": space.to_dict(),
+                                              "layer_kwargs": net.layer_kwargs})
         val_acc, test_acc = hist["final"]["val_acc"], hist["final"]["test_acc"]
     c = (costs or GeneCosts(space))(gene)
     return {"gene": gene, "val_acc": val_acc, "test_acc": test_acc, "energy_uJ": c["energy_uJ"],
