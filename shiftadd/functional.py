@@ -4,7 +4,8 @@ Adder (AdderNet) layers, ``Y = -sum |X - W| (+ bias)``:
 
 * :func:`adder_linear`  x (*, K), weight (O, K), bias (O,) -> (*, O)
 * :func:`adder_conv2d`  x (N, C, H, W) or (C, H, W), weight (O, C/groups, kh, kw) -> (N, O, Ho, Wo)
-* :func:`adder_linear_int8`  x (*, K) int8, weight (O, K) int8 -> (*, O) int32, exact (inference)
+* :func:`adder_linear_int8`  x (*, K) int8, weight (O, K) int8 -> (*, O) int32, exact (inference;
+  ``bits=2..4`` for low-bit values, which may run as a thermometer-code int8 product)
 
 Shift (DeepShift) layers: a power-of-two weight, then an ordinary matmul/conv (the
 weight is exact in any float dtype):
@@ -125,14 +126,23 @@ def adder_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return y.reshape(*lead, weight.shape[0])
 
 
-def adder_linear_int8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def adder_linear_int8(x: torch.Tensor, weight: torch.Tensor, bits: int = 8, impl: str = "auto") -> torch.Tensor:
     """Quantized adder linear layer, exact in integers (inference only).
 
     x (*, K) int8, weight (O, K) int8 -> (*, O) int32, ``-sum_k |x[..., k] - weight[o, k]|``
     with no rounding anywhere (K up to 8,421,504, where the int32 sum could overflow).
     With a common scale s for activations and weights (x ~ s * x_q, W ~ s * W_q) the float
     layer's output is about ``s * y``: see :class:`shiftadd.nn.AdderLinearInt8`.
+
+    bits: 8 (any int8 values), or 2..4 when every value of x and weight is a signed
+    integer of that many bits (-2^(bits-1) .. 2^(bits-1) - 1; checked, ValueError
+    otherwise), which allows the thermometer-code int8 matrix product
+    (:mod:`shiftadd.thermometer`).  impl: "auto" (:func:`shiftadd.thermometer.choose`),
+    "sad" (the adder_linear_int8 op of the selected backend) or "thermometer"; all give the
+    same integers.
     """
+    from . import thermometer as T
+
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int8:
             raise TypeError(f"{name} must be an int8 tensor, got "
@@ -143,10 +153,19 @@ def adder_linear_int8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must be (..., {weight.shape[1]}), got shape {tuple(x.shape)}")
     if x.device != weight.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    T.check_bits(bits)
+    T.check_range("x", x, bits)
+    T.check_range("weight", weight, bits)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
-    backend = _dispatch.select_on("adder_linear_int8", x2.device, torch.float32)  # chosen by device
-    y = _ops.op(backend, "adder_linear_int8")(x2, weight)
+    if T.choose(impl, x2.device, bits) == "thermometer":
+        if weight.shape[1] * T.levels(bits) >= 2**31:
+            raise ValueError(f"in_features {weight.shape[1]} x {T.levels(bits)} code signs at bits={bits} reaches "
+                             "2^31: the int32 product could overflow")
+        y = T.adder_linear_codes(x2, T.weight_codes(weight, bits), bits, weight.shape[0])
+    else:
+        backend = _dispatch.select_on("adder_linear_int8", x2.device, torch.float32)  # chosen by device
+        y = _ops.op(backend, "adder_linear_int8")(x2, weight)
     return y.reshape(*lead, weight.shape[0])
 
 

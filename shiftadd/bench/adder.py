@@ -10,7 +10,8 @@ step) it times every backend usable on the device, and for the forward the basel
   the CPU, cuDNN/cuBLAS on the GPU, TF32 off so both sides are fp32).
 
 Linear cases also time the quantized inference path (``adder_linear_int8``: int8 operands,
-exact int32 sums) against the same float32 baselines.
+exact int32 sums), and 4-bit and 2-bit operands through thermometer codes and an int8
+matrix product (:mod:`shiftadd.thermometer`), against the same float32 baselines.
 
 Columns: ms (median), G adder-MAC/s, x unfold and x cdist (their time over this row's:
 speed-ups), / mult (this row's time over the multiplication layer's), peak MB (CUDA).
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import _dispatch, _ops
+from .. import _dispatch, _ops, thermometer
 from .timing import environment, markdown_table, measure, peak_memory
 
 
@@ -195,6 +196,13 @@ def run_case(case: Case, device: torch.device, include_reference: bool = True, m
         for b in backends_for("adder_linear_int8", device, include_reference):
             op8 = _ops.op(b, "adder_linear_int8")
             t = add("forward int8 (exact)", b, lambda: op8(xq, wq))
+            rows[-1].update(_ratios(t, base, "mult"))
+        for bits in (4, 2):  # low-bit operands: thermometer codes, one int8 product (the layer's codes are kept)
+            lo, hi = thermometer.value_range(bits)
+            xb = torch.randint(lo, hi + 1, case.x, dtype=torch.int8, device=device)
+            codes = thermometer.weight_codes(torch.randint(lo, hi + 1, case.w, dtype=torch.int8, device=device), bits)
+            t = add(f"forward int{bits} (exact)", "thermometer (torch._int_mm)",
+                    lambda: thermometer.adder_linear_codes(xb, codes, bits, case.w[0]))
             rows[-1].update(_ratios(t, base, "mult"))
     return rows
 

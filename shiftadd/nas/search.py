@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from .space import SearchSpace, gene_key
-from .supernet import Supernet, recalibrate_bn
+from ..nn._common import recalibrate_bn
+from .supernet import Supernet
 
 STRATEGIES = ("evo", "darts", "random")
 

@@ -13,9 +13,9 @@ every candidate operator, shared according to ``share``:
 A subnet (a gene) uses the first ``width`` output channels, the centre ``k x k`` of the
 kernel, and a BatchNorm of its own per operator (sliced to the width).  Before a subnet
 is scored its BatchNorm statistics are recalibrated on training batches
-(:func:`recalibrate_bn`).  The shift operator is DeepShift-Q on the (remapped) latent
-weight; the shiftadd operator is a shift conv on the shared weight followed by an adder
-conv with a weight of its own.  The stem conv and the classifier are multiplicative.
+(:func:`shiftadd.nn._common.recalibrate_bn`).  The shift operator is DeepShift-Q on the
+(remapped) latent weight; the shiftadd operator is a shift conv on the shared weight
+followed by an adder conv with a weight of its own.  The stem conv and the classifier are multiplicative.
 
 AdderNet's adaptive gradient scaling (eta) is off by default here: it sets every adder
 step to a fixed size, which suits an adder layer that owns its weight but, on a weight
@@ -250,20 +250,3 @@ class Supernet(nn.Module):
         """CE, plus KL_WEIGHT * the distribution-matching term under hetero sharing."""
         ce = F.cross_entropy(logits, target)
         return ce + KL_WEIGHT * self.kl_loss() if self.share == "hetero" else ce
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, forward, batches) -> None:
-    """Resets every BatchNorm's statistics and re-estimates them (cumulative average) from
-    `batches` with forward(x); the model is left in eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for x in batches:
-        forward(x)
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    model.eval()

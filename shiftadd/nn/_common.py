@@ -1,8 +1,11 @@
-"""Helpers shared by the shiftadd modules: nn.Conv2d-compatible argument handling."""
+"""Helpers shared by the shiftadd modules: nn.Conv2d-compatible argument handling, and
+BatchNorm recalibration (after a supernet picks a subnet, or after quantization)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -55,3 +58,20 @@ class ConvArgs:
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
         return s
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, forward, batches) -> None:
+    """Resets every BatchNorm's statistics and re-estimates them (cumulative average) from
+    `batches` with forward(x); the model is left in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x in batches:
+        forward(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()

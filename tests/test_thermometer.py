@@ -1,0 +1,225 @@
+"""Low-bit adder layers through thermometer codes and an int8 matrix product (shiftadd.thermometer):
+exact against the integer reference on every device, and the int8 modules' bits option."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import shiftadd
+from shiftadd import thermometer as T
+from shiftadd.nn import AdderConv2d, AdderConv2dInt8, AdderLinear, AdderLinearInt8, quantize_adders_int8
+from shiftadd.reference.adder import adder_linear_int8 as reference
+
+BITS = [2, 3, 4]
+
+
+def rand_bits(bits, *shape, device="cpu"):
+    lo, hi = T.value_range(bits)
+    return torch.randint(lo, hi + 1, shape, dtype=torch.int8, device=device)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_codes_agree_in_all_but_the_difference(bits):
+    """sum_t T(a)[t] T(b)[t] = L - 2 |a - b| for every pair of bits-bit values."""
+    lo, hi = T.value_range(bits)
+    v = torch.arange(lo, hi + 1, dtype=torch.int8)
+    c = T.codes(v.unsqueeze(1), bits).int()  # (values, L)
+    assert c.shape == (v.numel(), T.levels(bits)) and set(c.unique().tolist()) == {-1, 1}
+    want = T.levels(bits) - 2 * (v.int()[:, None] - v.int()[None, :]).abs()
+    assert torch.equal(c @ c.t(), want)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n,k,o", [(1, 1, 1), (3, 5, 7), (16, 3, 8), (17, 127, 9), (40, 1000, 33), (0, 5, 3),
+                                   (4, 0, 3), (4, 5, 0)])
+def test_thermometer_is_exact(device, bits, n, k, o):
+    x, w = rand_bits(bits, n, k, device=device), rand_bits(bits, o, k, device=device)
+    got = shiftadd.adder_linear_int8(x, w, bits=bits, impl="thermometer")
+    assert got.dtype == torch.int32 and got.shape == (n, o) and got.device == x.device
+    torch.testing.assert_close(got.cpu(), reference(x.cpu(), w.cpu()), rtol=0, atol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.sampled_from(BITS), n=st.integers(1, 40), k=st.integers(1, 200), o=st.integers(1, 40))
+def test_thermometer_matches_the_sad_kernel(bits, n, k, o):
+    x, w = rand_bits(bits, n, k), rand_bits(bits, o, k)
+    torch.testing.assert_close(shiftadd.adder_linear_int8(x, w, bits=bits, impl="thermometer"),
+                               shiftadd.adder_linear_int8(x, w, bits=bits, impl="sad"), rtol=0, atol=0)
+
+
+def test_row_chunks_leading_dims_and_views(device, monkeypatch):
+    monkeypatch.setattr(T, "_CHUNK_BYTES", 64)  # a chunk of 17 rows at a time (the padding floor)
+    x = rand_bits(4, 2, 25, 30, device=device)
+    w = rand_bits(4, 11, 60, device=device)[:, ::2]  # a strided weight view
+    got = shiftadd.adder_linear_int8(x, w, bits=4, impl="thermometer")
+    want = reference(x.reshape(-1, 30).cpu(), w.contiguous().cpu()).reshape(2, 25, 11)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+    xt = rand_bits(3, 30, 19, device=device).t()  # non-contiguous rows
+    torch.testing.assert_close(shiftadd.adder_linear_int8(xt, w.clamp(-4, 3), bits=3, impl="thermometer").cpu(),
+                               reference(xt.contiguous().cpu(), w.clamp(-4, 3).contiguous().cpu()), rtol=0, atol=0)
+
+
+def test_extremes_of_the_range():
+    for bits in BITS:
+        lo, hi = T.value_range(bits)
+        x = torch.full((20, 300), lo, dtype=torch.int8)
+        w = torch.full((3, 300), hi, dtype=torch.int8)
+        got = shiftadd.adder_linear_int8(x, w, bits=bits, impl="thermometer")
+        assert got.eq(-(hi - lo) * 300).all()
+
+
+def test_bad_arguments_name_the_argument():
+    x, w = rand_bits(4, 3, 5), rand_bits(4, 2, 5)
+    with pytest.raises(ValueError, match=r"x holds values in \[8, 8\], outside the 4-bit range"):
+        shiftadd.adder_linear_int8(torch.full((3, 5), 8, dtype=torch.int8), w, bits=4)
+    with pytest.raises(ValueError, match=r"weight holds values in \[-3, -3\], outside the 2-bit range"):
+        shiftadd.adder_linear_int8(x.clamp(-2, 1), torch.full((2, 5), -3, dtype=torch.int8), bits=2)
+    for bad in (1, 5, 7, 9, True, 4.0, "4"):
+        with pytest.raises(ValueError, match="bits must be 8, or 2..4"):
+            shiftadd.adder_linear_int8(x, w, bits=bad)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        shiftadd.adder_linear_int8(x, w, bits=4, impl="fast")
+    with pytest.raises(ValueError, match="impl='thermometer' needs bits <= 4"):
+        shiftadd.adder_linear_int8(x, w, impl="thermometer")
+
+
+def test_choice_rule():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert T.choose("auto", cpu, 4) == "sad" and T.choose("auto", cpu, 8) == "sad"
+    assert T.choose("auto", cuda, 2) == "thermometer" and T.choose("auto", cuda, 8) == "sad"
+    assert T.choose("thermometer", cpu, 3) == "thermometer" and T.choose("sad", cuda, 3) == "sad"
+
+
+# ------------------------------------------------------------------------------ modules
+
+
+@pytest.fixture
+def force_thermometer(monkeypatch):
+    """Makes `auto` choose the thermometer product on every device (on a CPU it is the
+    compiled SAD kernel otherwise)."""
+    real = T.choose
+    monkeypatch.setattr(T, "choose", lambda impl, device, bits: real("thermometer" if bits <= 4 else impl,
+                                                                       device, bits))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_linear_module_at_low_bits(bits, device, force_thermometer):
+    torch.manual_seed(0)
+    layer = AdderLinear(40, 12, bias=True).to(device)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(5, 3, 40, device=device)
+    q = AdderLinearInt8.from_float(layer, float(x.abs().max()), bits=bits)
+    lo, hi = T.value_range(bits)
+    assert q.bits == bits and q.weight_q.min() >= lo and q.weight_q.max() <= hi
+    assert q.scale == pytest.approx(max(float(layer.weight.detach().abs().max()), float(x.abs().max())) / hi)
+    got = q(x)
+    xq = torch.round(x.double() / q.scale).clamp(lo, hi)
+    want = -(xq[..., None, :] - q.weight_q.double()).abs().sum(-1) * q.scale + q.bias.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert f"bits={bits}" in repr(q)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, groups=2),
+                                dict(kernel_size=(3, 1), dilation=2, padding=(2, 0))])
+def test_conv_module_thermometer_equals_sad(kw, device, monkeypatch):
+    torch.manual_seed(0)
+    layer = AdderConv2d(4, 6, **kw).to(device)
+    x = torch.randn(2, 4, 9, 7, device=device)
+    q = AdderConv2dInt8.from_float(layer, float(x.abs().max()), bits=4)
+    sad = q(x)
+    real = T.choose
+    monkeypatch.setattr(T, "choose", lambda impl, device, bits: real("thermometer", device, bits))
+    therm = q(x)
+    torch.testing.assert_close(therm, sad, rtol=0, atol=0)
+    torch.testing.assert_close(q(x), sad, rtol=0, atol=0)  # the cached codes of every group
+
+
+def test_state_dict_keeps_bits_and_the_codes_follow_loaded_weights(force_thermometer):
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    a = AdderLinearInt8.from_float(AdderLinear(16, 8), 3.0, bits=3)
+    b = AdderLinearInt8.from_float(AdderLinear(16, 8), 3.0, bits=3)
+    a(x)  # builds a's codes
+    a.load_state_dict(b.state_dict())  # copies into a's storage: same pointer
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    d = AdderLinearInt8.from_float(AdderLinear(16, 8), 3.0, bits=3)
+    d(x)
+    d.weight_q.copy_(a.weight_q)  # an in-place write: same pointer, new version
+    d.scale = a.scale
+    torch.testing.assert_close(d(x), a(x), rtol=0, atol=0)
+    c = AdderLinearInt8(torch.zeros(8, 16, dtype=torch.int8), 1.0)
+    c.load_state_dict(b.state_dict())
+    assert c.bits == 3 and c.scale == b.scale
+    torch.testing.assert_close(c(x), b(x), rtol=0, atol=0)
+    old = b.state_dict()
+    old["_extra_state"] = {"scale": b.scale}  # saved before the bit width was
+    c.load_state_dict(old)
+    assert c.bits == 8
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="weight_q holds values in"):
+        AdderLinearInt8(torch.full((2, 3), 9, dtype=torch.int8), 1.0, bits=4)
+    with pytest.raises(ValueError, match="bits must be 8, or 2..4"):
+        AdderLinearInt8.from_float(AdderLinear(3, 2), 1.0, bits=6)
+    with pytest.raises(ValueError, match="bits must be 8, or 2..4"):
+        quantize_adders_int8(AdderLinear(3, 2), [torch.randn(2, 3)], bits=1)
+    q = AdderLinearInt8.from_float(AdderLinear(3, 2), 1.0, bits=4)
+    with pytest.raises(ValueError, match=r"x must be \(\.\.\., 3\)"):
+        q(torch.randn(2, 4))
+
+
+def test_quantize_a_model_to_4_bits(force_thermometer):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), AdderConv2d(4, 8, 3, padding=1),
+                                torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(), AdderLinear(8 * 36, 10))
+    model.eval()
+    x = torch.randn(32, 1, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+    quantize_adders_int8(model, [x], bits=4)
+    assert model[1].bits == 4 and model[5].bits == 4
+    with torch.no_grad():
+        got = model(x)
+    # 4-bit operands: a coarse grid (15 steps), so only a loose agreement with the float net
+    assert ((got - want).norm() / want.norm()).item() < 0.25
+
+
+def test_mse_clip_picks_the_grid_closest_to_the_float_layer():
+    from shiftadd.nn.adder import CLIP_FACTORS
+
+    torch.manual_seed(0)
+    layer = AdderConv2d(8, 6, 3, padding=1)
+    x = torch.randn(16, 8, 6, 6)
+    x[0, 0, 0, 0] = 12.0  # one outlier: a grid spanning it wastes 4 bits on it
+    with torch.no_grad():
+        y = layer(x)
+        var = y.var(dim=(0, 2, 3), keepdim=True)
+
+        def err(q):
+            return float(((q(x) - y) ** 2 / var).mean())
+
+        top = AdderConv2dInt8.from_float(layer, float(x.abs().max()), bits=4)
+        best = quantize_adders_int8(layer, [x], bits=4)  # clip "mse" by default below 8 bits
+        assert best.bits == 4 and best.scale < top.scale
+        assert any(best.scale == pytest.approx(top.scale * f) for f in CLIP_FACTORS)
+        assert err(best) < 0.5 * err(top)
+        again = quantize_adders_int8(AdderConv2d(8, 6, 3, padding=1), iter([x]), bits=8)  # a one-shot iterator
+        assert again.bits == 8
+    with pytest.raises(ValueError, match="clip must be 'max' or 'mse'"):
+        quantize_adders_int8(layer, [x], bits=4, clip="p99")
+
+
+def test_recalibration_re_estimates_the_batchnorm_after_the_adders():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(AdderConv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+    x = torch.randn(8, 3, 5, 5)
+    q = quantize_adders_int8(model, [x[:4], x[4:]], bits=4)
+    with torch.no_grad():
+        z = q[0](x)  # what the BatchNorm sees now
+    torch.testing.assert_close(q[1].running_mean, z.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    assert not q.training
+    model2 = torch.nn.Sequential(AdderConv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+    quantize_adders_int8(model2, [x], bits=4, recalibrate=False)
+    assert torch.equal(model2[1].running_mean, torch.zeros(4))  # untouched
