@@ -42,7 +42,7 @@ for s in $STEPS; do
     # the layer rows go through `auto`, which skips kernels in GPU_NOT_YET_RUN (the quantizers
     # after their out_dtype rewrite): force the cuda backend so those rows time its kernels
     shift) step shift "${SHIFT_LIMIT:-150}" env SHIFTADD_BACKEND=cuda "$PY" benchmarks/bench_shift.py --device cuda ;;
-    nas) step nas "${NAS_LIMIT:-240}" "$PY" benchmarks/bench_nas.py --device cuda ;;
+    nas) step nas "${NAS_LIMIT:-360}" "$PY" benchmarks/bench_nas.py --device cuda ;;
     crash) step crash 120 bash -c "readelf -x .eh_frame_hdr shiftadd/_C*.so | sed -n 3p; \
              TORCH_SHOW_CPP_STACKTRACES=1 $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'; \
              cuda-gdb -batch -ex run -ex bt --args $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'" ;;

@@ -6,7 +6,10 @@
   the same net built with nn.Conv2d (``/ conv net``; peak MB: CUDA memory of the steps
   above what the model and data held before them);
 * search: wall time of the same small digits search (supernet training and evolution)
-  under both.
+  under both, on the 8x8 images and on the images upscaled (``--search-upscale``, default
+  32): at 8x8 every layer is a few microseconds of work and both backends time Python and
+  launch overhead (0.97x measured on an H100, 2026-11-22); at 32x32 the layers' arithmetic
+  is what CIFAR-sized inputs cost.
 """
 
 from __future__ import annotations
@@ -68,13 +71,14 @@ def train_steps(device, data_dir, steps: int, batch: int, backend: str, variant:
             "peak_mb": peak}
 
 
-def search_time(device, backend: str):
+def search_time(device, backend: str, upscale=None):
     from ..nas.pipeline import main as nas_main
 
+    extra = ["--upscale", str(upscale)] if upscale else []
     with tempfile.TemporaryDirectory() as out, use_backend(backend):
         t = time.perf_counter()
         nas_main("search", ["--out", out, "--epochs", "3", "--generations", "3", "--population", "12",
-                            "--device", str(device)])
+                            "--device", str(device)] + extra)
         return time.perf_counter() - t
 
 
@@ -85,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None, help="a local CIFAR-10 (else digits upscaled)")
     p.add_argument("--steps", type=int, default=5, help="measured training steps per backend")
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--search-upscale", type=int, default=32,
+                   help="also time the search on the digits upscaled to this size (0: only at 8x8)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     print(f"# end to end, fast kernels versus reference ops, {device.type}: {environment(device)}\n")
@@ -98,10 +104,12 @@ def main(argv=None) -> int:
                      "peak MB": r["peak_mb"]})
     rows.append({"job": f"ResNet-20 conv (nn.Conv2d) train, batch {a.batch}, {conv['data']}", "backend": "-",
                  "s/step": conv["step_s"], "s/epoch": conv["epoch_s"], "peak MB": conv["peak_mb"]})
-    st = {b: search_time(device, b) for b in ("auto", "reference")}
-    for b, t in st.items():
-        rows.append({"job": "digits search (3 supernet epochs, 3 generations of 12)", "backend": b, "seconds": t,
-                     "ref / this": st["reference"] / t})
+    for size in [None] + ([a.search_upscale] if a.search_upscale else []):
+        st = {b: search_time(device, b, size) for b in ("auto", "reference")}
+        where = f"digits upscaled to {size}x{size}" if size else "digits 8x8"
+        for b, t in st.items():
+            rows.append({"job": f"search, {where} (3 supernet epochs, 3 generations of 12)", "backend": b,
+                         "seconds": t, "ref / this": st["reference"] / t})
     print(markdown_table(rows, ["job", "backend", "s/step", "s/epoch", "seconds", "ref / this", "/ conv net",
                                 "peak MB"]))
     print(f"\ns/epoch = steps per epoch ({tr['auto']['steps_per_epoch']}) x the median of {a.steps} measured steps.")
