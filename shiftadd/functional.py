@@ -159,9 +159,7 @@ def adder_linear_int8(x: torch.Tensor, weight: torch.Tensor, bits: int = 8, impl
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     if T.choose(impl, x2.device, bits) == "thermometer":
-        if weight.shape[1] * T.levels(bits) >= 2**31:
-            raise ValueError(f"in_features {weight.shape[1]} x {T.levels(bits)} code signs at bits={bits} reaches "
-                             "2^31: the int32 product could overflow")
+        T.check_size(weight.shape[1], bits)
         y = T.adder_linear_codes(x2, T.weight_codes(weight, bits), bits, weight.shape[0])
     else:
         backend = _dispatch.select_on("adder_linear_int8", x2.device, torch.float32)  # chosen by device

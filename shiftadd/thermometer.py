@@ -8,7 +8,7 @@ For integers a, b in [0, L] write each as L signs, its thermometer code
 
 with T(x) the K L signs of x.  The adder layer becomes one int8 x int8 -> int32 matrix
 product of the codes (``torch._int_mm``: cuBLASLt's int8 tensor cores on CUDA), exact
-for any K < 2^31 / L.  A common offset changes no difference, so b-bit signed values
+for any K L < 2^31 (:func:`check_size`).  A common offset changes no difference, so b-bit signed values
 (-2^(b-1) .. 2^(b-1) - 1) are shifted to 0 .. L = 2^b - 1.  The cost grows with L: 15
 int8 multiply-adds per adder-MAC at 4 bits, 3 at 2 bits, and the codes take L bytes per
 value (the weight's are built once by the layer, :func:`weight_codes`).
@@ -19,7 +19,7 @@ code adds nothing to the product) on every device, so the CPU tests run the same
 
 Which implementation of an int8 adder layer runs (:func:`choose`): on CPU the compiled
 ``vpsadbw`` kernel of ``adder_linear_int8`` (the codes' product through ``torch._int_mm``
-took 8-10x its time at 4 bits and 2.5-3x at 2 bits on 64x256 @ 256x256 and 256x1024 @
+took 8-14x its time at 4 bits and 2.5-4x at 2 bits on 64x256 @ 256x256 and 256x1024 @
 1024x1024, 2-core AVX-512 CPU, 2026-11-23); on CUDA the thermometer product for
 ``bits <= 4``, since the ``__vsadu4`` kernel has not run on a GPU yet and ``auto`` would
 otherwise fall back to the reference.  Neither CUDA path has been timed on a GPU yet.
@@ -58,6 +58,13 @@ def check_range(name: str, t: torch.Tensor, bits: int) -> None:
     if tmin < lo or tmax > hi:
         raise ValueError(f"{name} holds values in [{tmin}, {tmax}], outside the {bits}-bit range [{lo}, {hi}]; "
                          f"quantize to {bits} bits first or use bits=8")
+
+
+def check_size(k: int, bits: int) -> None:
+    """Raises ValueError unless K L < 2^31: the int32 product of the codes lies in [-K L, K L]."""
+    if k * levels(bits) >= 2**31:
+        raise ValueError(f"in_features {k} x {levels(bits)} code signs at bits={bits} reaches 2^31: the int32 "
+                         "product of the codes could overflow")
 
 
 def codes(t: torch.Tensor, bits: int) -> torch.Tensor:
@@ -100,7 +107,8 @@ def adder_linear_codes(x: torch.Tensor, w_codes: torch.Tensor, bits: int, out_fe
         # > 16 rows and K L padded to the codes' width (a zero code adds nothing)
         xc = torch.nn.functional.pad(xc, (0, kl - xc.shape[1], 0, max(17 - m, 0)))
         dot = torch._int_mm(xc, wt)[:m, :out_features]
-        out[r0:r0 + m] = (dot - L * k).div_(2, rounding_mode="floor")
+        # (dot - L K) / 2 without the intermediate -2 L K: dot and L K have the same parity
+        out[r0:r0 + m] = dot.div_(2, rounding_mode="floor").sub_((L * k) // 2)
     return out
 
 

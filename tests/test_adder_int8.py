@@ -171,7 +171,8 @@ def _int8_conv_by_hand(layer_q, x):
     from shiftadd.nn.adder import quantize_int8
 
     mode = "constant" if layer_q.padding_mode == "zeros" else layer_q.padding_mode
-    xq = quantize_int8(torch.nn.functional.pad(x, layer_q._reversed_padding_repeated_twice, mode=mode), layer_q.scale)
+    xq = quantize_int8(torch.nn.functional.pad(x, layer_q._reversed_padding_repeated_twice, mode=mode), layer_q.scale,
+                       layer_q.bits)
     y = op("reference", "adder_conv2d")(xq.double(), layer_q.weight_q.double(), list(layer_q.stride), [0, 0],
                                         list(layer_q.dilation), layer_q.groups, "addernet")
     return y * layer_q.scale

@@ -14,7 +14,7 @@ from shiftadd.nas.pipeline import GeneCosts, main as nas_main
 from shiftadd.nas.search import Search, SearchConfig, TensorData, pareto_front
 from shiftadd.nas.space import PRESETS, SearchSpace, gene_key, get_space
 from shiftadd.nas.supernet import PiecewiseRemap, Supernet, laplace_kl
-from shiftadd.nn._common import recalibrate_bn
+from shiftadd.nn import recalibrate_bn
 
 
 @pytest.fixture(scope="module")

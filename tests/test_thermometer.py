@@ -122,17 +122,45 @@ def test_linear_module_at_low_bits(bits, device, force_thermometer):
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, groups=2),
                                 dict(kernel_size=(3, 1), dilation=2, padding=(2, 0))])
-def test_conv_module_thermometer_equals_sad(kw, device, monkeypatch):
+@pytest.mark.parametrize("impl", ["sad", "thermometer"])
+def test_conv_module_at_4_bits_is_the_integer_conv(kw, impl, device, monkeypatch):
+    from test_adder_int8 import _int8_conv_by_hand
+
     torch.manual_seed(0)
     layer = AdderConv2d(4, 6, **kw).to(device)
     x = torch.randn(2, 4, 9, 7, device=device)
     q = AdderConv2dInt8.from_float(layer, float(x.abs().max()), bits=4)
-    sad = q(x)
     real = T.choose
-    monkeypatch.setattr(T, "choose", lambda impl, device, bits: real("thermometer", device, bits))
-    therm = q(x)
-    torch.testing.assert_close(therm, sad, rtol=0, atol=0)
-    torch.testing.assert_close(q(x), sad, rtol=0, atol=0)  # the cached codes of every group
+    monkeypatch.setattr(T, "choose", lambda _impl, device, bits: real(impl, device, bits))
+    want = _int8_conv_by_hand(q, x.cpu().double() if device == "cpu" else x.double())
+    got = q(x)
+    torch.testing.assert_close(got.double(), want.to(got.device), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q(x), got, rtol=0, atol=0)  # again, from the cached codes of every group
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_new_weight_tensor_is_never_taken_for_the_old_one(conv, force_thermometer):
+    """Replacing weight_q by a new tensor (which may land at the freed one's address, with
+    the same _version) must rebuild the codes."""
+    torch.manual_seed(0)
+    shape = (6, 4, 3, 3) if conv else (16, 40)
+    layer = AdderConv2d(4, 6, 3, padding=1) if conv else AdderLinear(40, 16)
+    x = torch.randn(3, 4, 5, 5) if conv else torch.randn(3, 40)
+    q = (AdderConv2dInt8 if conv else AdderLinearInt8).from_float(layer, float(x.abs().max()), bits=4)
+    for _ in range(10):
+        q(x)
+        q.weight_q = torch.randint(-8, 8, shape, dtype=torch.int8)
+        ref = (AdderConv2dInt8(q.weight_q.clone(), q.scale, None, 1, 1, bits=4) if conv
+               else AdderLinearInt8(q.weight_q.clone(), q.scale, None, bits=4))
+        torch.testing.assert_close(q(x), ref(x), rtol=0, atol=0)
+
+
+def test_sizes_and_empty_features():
+    with pytest.raises(ValueError, match="reaches 2\\^31"):
+        T.check_size(2**31 // 15 + 1, 4)
+    T.check_size(2**31 // 15, 4)
+    q = AdderLinearInt8(torch.zeros(3, 0, dtype=torch.int8), 1.0, bits=4)
+    assert torch.equal(q(torch.randn(2, 0)), torch.zeros(2, 3))
 
 
 def test_state_dict_keeps_bits_and_the_codes_follow_loaded_weights(force_thermometer):
@@ -223,3 +251,24 @@ def test_recalibration_re_estimates_the_batchnorm_after_the_adders():
     model2 = torch.nn.Sequential(AdderConv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
     quantize_adders_int8(model2, [x], bits=4, recalibrate=False)
     assert torch.equal(model2[1].running_mean, torch.zeros(4))  # untouched
+
+
+def test_calibration_shapes_and_arguments():
+    from shiftadd.nn.adder import quantize_int8
+
+    torch.manual_seed(0)
+    conv = AdderConv2d(3, 4, 3, padding=1)
+    q = quantize_adders_int8(conv, [torch.randn(3, 6, 6), torch.randn(3, 6, 6)], bits=4)  # unbatched images
+    assert isinstance(q, AdderConv2dInt8) and q.bits == 4
+    lin = AdderLinear(8, 5)
+    q = quantize_adders_int8(lin, [torch.randn(2, 7, 8), torch.randn(2, 3, 8), torch.randn(8)], bits=3)
+    assert isinstance(q, AdderLinearInt8) and q.bits == 3  # sequences of other lengths, a 1-D input
+    with pytest.raises(TypeError, match="recalibrate must be True, False or None"):
+        quantize_adders_int8(AdderLinear(8, 5), [torch.randn(2, 8)], bits=4, recalibrate="no")
+    with pytest.raises(ValueError, match="bits must be 8, or 2..4"):
+        quantize_int8(torch.randn(3), 0.1, bits=6)
+    model = torch.nn.Sequential(AdderLinear(8, 5), torch.nn.BatchNorm1d(5))
+    with pytest.raises(ValueError, match="give batches of more than one sample, or recalibrate=False"):
+        quantize_adders_int8(model, [torch.randn(1, 8)], bits=4)
+    with pytest.raises(ValueError, match="calibration gave no batch"):
+        quantize_adders_int8(torch.nn.Sequential(AdderLinear(8, 5)), iter([]), bits=4)

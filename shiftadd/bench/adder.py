@@ -225,13 +225,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     p.add_argument("--no-reference", action="store_true", help="skip the pure-PyTorch reference backend")
+    p.add_argument("--only", default=None, help="run only the cases whose name contains this text (e.g. linear)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    cases = QUICK if a.quick else CASES[device.type]
+    cases = [c for c in (QUICK if a.quick else CASES[device.type]) if a.only is None or a.only in c.name]
+    if not cases:
+        p.error(f"--only {a.only!r} matches no case")
     print(f"# adder kernels, float32, {device.type}: {environment(device)}\n")
     rows = []
     for case in cases:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .space import SearchSpace, gene_key
-from ..nn._common import recalibrate_bn
+from ..nn import recalibrate_bn
 from .supernet import Supernet
 
 STRATEGIES = ("evo", "darts", "random")

@@ -3,6 +3,7 @@ from .adder import (AdderConv2d, AdderConv2dInt8, AdderLinear, AdderLinearInt8, 
 from .shift import ShiftConv2d, ShiftLinear
 from .packed import PackedShiftConv2d, PackedShiftLinear, pack_model
 from .shiftadd import ShiftAddConv2d
-__all__ = ["AdderConv2d", "AdderLinear", "AdderLinearInt8", "AdderConv2dInt8", "quantize_adders_int8",
+from ._common import recalibrate_bn
+__all__ = ["recalibrate_bn", "AdderConv2d", "AdderLinear", "AdderLinearInt8", "AdderConv2dInt8", "quantize_adders_int8",
            "renormalize_eta_grads", "ShiftConv2d", "ShiftLinear", "ShiftAddConv2d", "PackedShiftLinear",
            "PackedShiftConv2d", "pack_model"]

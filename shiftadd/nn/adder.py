@@ -128,32 +128,55 @@ class _Int8State:
         self.scale, self.bits = scale, bits
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._codes = {}  # thermometer codes of weight rows, built on first use (L bytes per weight)
+        self._clear_cache()
+
+    # The weight as (O, K) rows in the order of the input's columns, and the thermometer
+    # codes of row ranges (L bytes per weight), are built on first use and kept while
+    # weight_q is the same tensor object, unwritten (its _version counts in-place writes);
+    # the cache holds that object, so a new tensor at a freed one's address is never
+    # mistaken for it.  Moving the module (.to, .cuda, .half: _apply) drops the cache.
+    def _clear_cache(self) -> None:
+        self._rows = None  # (weight_q, its _version, the (O, K) rows)
+        self._codes = {}   # (first row, end row, bits) -> codes, for self._rows
+
+    def _apply(self, fn, *args, **kwargs):
+        self._clear_cache()
+        return super()._apply(fn, *args, **kwargs)
 
     def get_extra_state(self):
         return {"scale": self.scale, "bits": self.bits}
 
     def set_extra_state(self, state):
         self.scale, self.bits = float(state["scale"]), int(state.get("bits", 8))
-        self._codes = {}
+        self._clear_cache()
 
     def _quantize(self, t: torch.Tensor) -> torch.Tensor:
         return quantize_int8(t, self.scale, self.bits)
 
-    def _adder_q(self, xq: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        """xq (M, K) int8 on this module's grid, w2 (O, K) int8 a row view of weight_q
-        (all of it, or one group's rows) -> (M, O) int32 = -sum |xq - w2|.  Values are in
-        range by construction, so the thermometer path skips the functional's check."""
+    def _rows_of(self, w: torch.Tensor) -> torch.Tensor:
+        return w  # a linear weight is its rows; the conv overrides this
+
+    def _weight_rows(self) -> torch.Tensor:
+        w = self.weight_q
+        if self._rows is None or self._rows[0] is not w or self._rows[1] != w._version:
+            self._clear_cache()
+            self._rows = (w, w._version, self._rows_of(w))
+        return self._rows[2]
+
+    def _adder_q(self, xq: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """xq (M, K) int8 on this module's grid, against rows [lo, hi) of the weight ->
+        (M, hi - lo) int32 = -sum |xq - w|.  The inputs are in range by construction (the
+        quantizer clamps them); the weight rows are checked when their codes are built."""
+        w2 = self._weight_rows()[lo:hi]
         if thermometer.choose("auto", xq.device, self.bits) != "thermometer":
             return SF.adder_linear_int8(xq, w2)
-        # _version: load_state_dict and other in-place writes keep the storage but bump it
-        key = (w2.data_ptr(), tuple(w2.shape), w2.device, self.weight_q._version, self.bits)
+        key = (lo, hi, self.bits)
         codes = self._codes.get(key)
         if codes is None:
-            if len(self._codes) > 64:  # stale entries of earlier weights
-                self._codes.clear()
+            thermometer.check_range("weight_q", w2, self.bits)
+            thermometer.check_size(w2.shape[1], self.bits)
             codes = self._codes[key] = thermometer.weight_codes(w2, self.bits)
-        return thermometer.adder_linear_codes(xq, codes, self.bits, w2.shape[0])
+        return thermometer.adder_linear_codes(xq, codes, self.bits, hi - lo)
 
     @staticmethod
     def _check_input(x: torch.Tensor) -> None:
@@ -197,8 +220,8 @@ class AdderLinearInt8(_Int8State, nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must be (..., {self.in_features}), got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        xq = self._quantize(x).reshape(-1, self.in_features)
-        y = _dequantize(self._adder_q(xq, self.weight_q), self.scale, x.dtype).reshape(*lead, self.out_features)
+        xq = self._quantize(x).reshape(math.prod(lead), self.in_features)
+        y = _dequantize(self._adder_q(xq, 0, self.out_features), self.scale, x.dtype).reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -255,25 +278,19 @@ class AdderConv2dInt8(_Int8State, ConvArgs, nn.Module):
         sn, s_h, s_w, sc = xq.stride()
         patches = xq.as_strided((n, ho, wo, kh, kw, c), (sn, s_h * sh, s_w * sw, s_h * dh, s_w * dw, sc))
         g, cg, og = self.groups, c // self.groups, self.out_channels // self.groups
-        wl = self._patch_weight()
         outs = []
         for i in range(g):
             cols = patches[..., i * cg:(i + 1) * cg].reshape(n * ho * wo, kh * kw * cg)
-            outs.append(self._adder_q(cols, wl[i * og:(i + 1) * og]).view(n, ho, wo, og))
+            outs.append(self._adder_q(cols, i * og, (i + 1) * og).view(n, ho, wo, og))
         y = _dequantize(torch.cat(outs, dim=3).permute(0, 3, 1, 2), self.scale, x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype).view(1, -1, 1, 1)
         y = y.contiguous()
         return y.squeeze(0) if squeeze else y
 
-    def _patch_weight(self) -> torch.Tensor:
-        """weight_q as (O, kh kw C/groups) rows in the patch rows' (kh, kw, c) order, kept
-        (so the thermometer codes built from a group's rows are found again next call)."""
-        key = (self.weight_q.data_ptr(), self.weight_q.device, self.weight_q._version)
-        if getattr(self, "_wl", None) is None or self._wl[0] != key:
-            o = self.weight_q.shape[0]
-            self._wl = (key, self.weight_q.permute(0, 2, 3, 1).reshape(o, -1).contiguous())
-        return self._wl[1]
+    def _rows_of(self, w: torch.Tensor) -> torch.Tensor:
+        """(O, kh kw C/groups) rows in the patch rows' (kh, kw, c) order."""
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
 
     def extra_repr(self) -> str:
         return self._conv_repr() + f", scale={self.scale:.4g}, bits={self.bits}, bias={self.bias is not None}"
@@ -295,6 +312,7 @@ def quantize_int8(t: torch.Tensor, scale: float, bits: int = 8) -> torch.Tensor:
     """clamp(round(t / scale), lo, hi) as int8 (round half to even), (lo, hi) = (-128, 127)
     or the bits-bit signed range, divided in float32 (float64 for float64 t): a 16-bit
     quotient would be rounded before the rounding to an integer."""
+    thermometer.check_bits(bits)
     lo, hi = (-128, 127) if bits == 8 else thermometer.value_range(bits)
     return torch.round(t.to(_wide(t.dtype)) / scale).clamp_(lo, hi).to(torch.int8)
 
@@ -348,32 +366,41 @@ def quantize_adders_int8(model: nn.Module, calibration, bits: int = 8, clip: Opt
     clip = clip or ("max" if bits == 8 else "mse")
     if clip not in ("max", "mse"):
         raise ValueError(f"clip must be 'max' or 'mse', got {clip!r}")
+    if recalibrate is not None and not isinstance(recalibrate, bool):
+        raise TypeError(f"recalibrate must be True, False or None, got {recalibrate!r}")
     recalibrate = bits < 8 if recalibrate is None else recalibrate
     adders = {name: m for name, m in model.named_modules() if isinstance(m, (AdderLinear, AdderConv2d))}
     if not adders:
         return model
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
-    if not batches:
-        raise ValueError("calibration gave no batch")
     seen = {name: 0.0 for name in adders}
-    kept = {name: [] for name in adders}
+    kept = {name: [] for name in adders}  # the clip search's samples: (rows, K) or (N, C, H, W) copies
 
     def hook(mod, args, name):
         x = args[0].detach()
         seen[name] = max(seen[name], float(x.abs().max()) if x.numel() else 0.0)
+        if clip != "mse" or x.numel() == 0:
+            return
+        x = x.reshape(-1, x.shape[-1]) if isinstance(mod, AdderLinear) else (x.unsqueeze(0) if x.dim() == 3 else x)
         have = sum(t.shape[0] for t in kept[name])
-        if clip == "mse" and have < CLIP_SAMPLES and x.dim() > 1:
-            kept[name].append(x[:CLIP_SAMPLES - have])
+        if have < CLIP_SAMPLES and (not kept[name] or kept[name][0].shape[1:] == x.shape[1:]):
+            kept[name].append(x[:CLIP_SAMPLES - have].clone())  # a copy: a view would hold the whole batch
 
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
              for name, m in adders.items()]
     model.eval()
+    batches, count = [], 0  # the batches are kept only for the recalibration
     try:
-        for x in batches:
+        for b in calibration:
+            x = b[0] if isinstance(b, (tuple, list)) else b
             model(x)
+            count += 1
+            if recalibrate:
+                batches.append(x)
     finally:
         for h in hooks:
             h.remove()
+    if count == 0:
+        raise ValueError("calibration gave no batch")
     replaced = {}
     for name, m in adders.items():
         cls = AdderLinearInt8 if isinstance(m, AdderLinear) else AdderConv2dInt8
@@ -387,17 +414,21 @@ def quantize_adders_int8(model: nn.Module, calibration, bits: int = 8, clip: Opt
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], q)
     if recalibrate:
-        recalibrate_bn(model, model, batches)
+        try:
+            recalibrate_bn(model, model, batches)
+        except ValueError as e:  # BatchNorm in training mode on one value per channel
+            raise ValueError(f"recalibrate=True re-estimates the BatchNorm statistics on the calibration batches, "
+                             f"which failed ({e}); give batches of more than one sample, or recalibrate=False") from e
     return model.eval()
 
 
 def _best_clip(layer, q, xs: torch.Tensor, bits: int):
     """The quantized layer (from `q`'s scale times each of CLIP_FACTORS) whose output on xs
     is closest to `layer`'s, the error of each output channel over its variance."""
-    y = layer(xs)
-    channel = y.dim() - 1 if isinstance(layer, AdderLinear) else 1  # (..., O) or (N, O, Ho, Wo)
-    dims = [d for d in range(y.dim()) if d != channel]
-    var = y.var(dim=dims, keepdim=True).clamp_min(1e-12) if y.shape[0] > 1 else torch.ones_like(y[:1])
+    y = layer(xs)  # (rows, O) or (N, O, Ho, Wo)
+    dims = [d for d in range(y.dim()) if d != 1]
+    per_channel = y.numel() // max(y.shape[1], 1)
+    var = y.var(dim=dims, keepdim=True).clamp_min(1e-12) if per_channel > 1 else torch.ones_like(y)
     best = None
     for f in CLIP_FACTORS:
         s = q.scale * f
