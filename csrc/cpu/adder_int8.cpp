@@ -94,6 +94,8 @@ namespace avx512 {
 #define SA_ADD64(a, b) _mm512_add_epi64(a, b)
 #define SA_SAD(a, b) _mm512_sad_epu8(a, b)
 #define SA_HSUM(a) _mm512_reduce_add_epi64(a)
+// a masked load reads (and faults on) only the bytes of the mask: the first n
+#define SA_LOAD_TAIL(p, n) _mm512_maskz_loadu_epi8(static_cast<__mmask64>((1ULL << (n)) - 1), (p))
 #include "cpu/adder_int8_tile.inc"
 }  // namespace avx512
 #pragma GCC pop_options

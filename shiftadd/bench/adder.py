@@ -10,7 +10,8 @@ step) it times every backend usable on the device, and for the forward the basel
   the CPU, cuDNN/cuBLAS on the GPU, TF32 off so both sides are fp32).
 
 Linear cases also time the quantized inference path (``adder_linear_int8``: int8 operands,
-exact int32 sums), and 4-bit and 2-bit operands through thermometer codes and an int8
+exact int32 sums; conv cases the whole ``AdderConv2dInt8`` layer on the float input), and
+4-bit and 2-bit operands through thermometer codes and an int8
 matrix product (:mod:`shiftadd.thermometer`), against the same float32 baselines.
 
 Columns: ms (median), G adder-MAC/s, x unfold and x cdist (their time over this row's:
@@ -190,6 +191,14 @@ def run_case(case: Case, device: torch.device, include_reference: bool = True, m
         add("grad weight (exact)", b, lambda: _ops.op(b, case.family + "_grad_weight")(g, x, w, *args, "exact"))
         t = add("train step", b, lambda: torch.autograd.grad(op(xg, wg, *args, "addernet"), (xg, wg), g))
         rows[-1]["/ mult"] = t / base["mult step"]
+    if case.conv:  # the quantized inference layer: quantize, int8 im2col, exact int32 sums, dequantize
+        from ..nn import AdderConv2dInt8
+
+        wq = torch.randint(-128, 128, case.w, dtype=torch.int8, device=device)
+        layer = AdderConv2dInt8(wq, float(x.abs().max()) / 127, None, case.stride, case.padding)
+        with torch.no_grad():
+            t = add("forward int8 (exact)", "AdderConv2dInt8 (auto)", lambda: layer(x))
+        rows[-1].update(_ratios(t, base, "mult"))
     if not case.conv:  # the quantized inference path: int8 operands, exact int32 sums
         xq = torch.randint(-128, 128, case.x, dtype=torch.int8, device=device)
         wq = torch.randint(-128, 128, case.w, dtype=torch.int8, device=device)
