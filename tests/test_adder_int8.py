@@ -199,16 +199,24 @@ def test_adder_conv2d_int8_is_the_integer_conv_and_tracks_the_float_layer(kw, de
     torch.testing.assert_close(q(x[0]), got[0])  # unbatched input
 
 
-def test_quantize_adders_int8_replaces_every_adder_layer():
-    from shiftadd.nn import AdderConv2d, AdderConv2dInt8, quantize_adders_int8
+def small_adder_net(batch: int):
+    """(model in eval mode, an input batch, the float model's output on it): a conv stem, an
+    adder conv with BatchNorm, and an adder classifier, on 6x6 single-channel images."""
+    from shiftadd.nn import AdderConv2d
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), AdderConv2d(4, 8, 3, padding=1),
                                 torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(), AdderLinear(8 * 36, 10))
     model.eval()
-    x = torch.randn(16, 1, 6, 6)
+    x = torch.randn(batch, 1, 6, 6)
     with torch.no_grad():
-        want = model(x)
+        return model, x, model(x)
+
+
+def test_quantize_adders_int8_replaces_every_adder_layer():
+    from shiftadd.nn import AdderConv2dInt8, quantize_adders_int8
+
+    model, x, want = small_adder_net(16)
     quantize_adders_int8(model, [x[:8], (x[8:], None)])
     assert isinstance(model[1], AdderConv2dInt8) and isinstance(model[5], AdderLinearInt8)
     with torch.no_grad():

@@ -199,13 +199,9 @@ def test_module_bad_arguments():
 
 
 def test_quantize_a_model_to_4_bits(force_thermometer):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), AdderConv2d(4, 8, 3, padding=1),
-                                torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(), AdderLinear(8 * 36, 10))
-    model.eval()
-    x = torch.randn(32, 1, 6, 6)
-    with torch.no_grad():
-        want = model(x)
+    from test_adder_int8 import small_adder_net
+
+    model, x, want = small_adder_net(32)
     quantize_adders_int8(model, [x], bits=4)
     assert model[1].bits == 4 and model[5].bits == 4
     with torch.no_grad():
