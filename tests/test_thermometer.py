@@ -268,3 +268,41 @@ def test_calibration_shapes_and_arguments():
         quantize_adders_int8(model, [torch.randn(1, 8)], bits=4)
     with pytest.raises(ValueError, match="calibration gave no batch"):
         quantize_adders_int8(torch.nn.Sequential(AdderLinear(8, 5)), iter([]), bits=4)
+
+
+# ------------------------------------------------------------------ quantization-aware training
+
+
+def test_fake_quantize_values_and_straight_through_gradient():
+    from shiftadd.nn.adder import fake_quantize
+
+    t = torch.tensor([-3.0, -0.74, -0.2, 0.0, 0.26, 0.5, 1.1, 2.0], requires_grad=True)
+    y = fake_quantize(t, 0.25, 3)  # grid 0.25 * (-4 .. 3)
+    torch.testing.assert_close(y.detach(), torch.tensor([-1.0, -0.75, -0.25, 0.0, 0.25, 0.5, 0.75, 0.75]))
+    y.sum().backward()
+    torch.testing.assert_close(t.grad, torch.tensor([0.0, 1, 1, 1, 1, 1, 0, 0]))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quantized_model_is_what_the_int8_model_computes(bits):
+    from test_adder_int8 import small_adder_net
+
+    from shiftadd.nn import fake_quantize_adders
+
+    model, x, _ = small_adder_net(32)
+    fake_quantize_adders(model, [x[:16], x[16:]], bits=bits)
+    assert model[1].quant[1] == bits and model[5].quant[1] == bits
+    model.train()
+    loss = model(x).square().mean()
+    loss.backward()  # the straight-through gradients reach every weight
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    scales = (model[1].quant[0], model[5].quant[0])
+    quantize_adders_int8(model, None, bits=bits)  # the trained scales, no calibration, no recalibration
+    assert (model[1].scale, model[5].scale) == scales and model[5].bits == bits
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="calibration gave no batch"):
+        quantize_adders_int8(small_adder_net(4)[0], None, bits=4)
