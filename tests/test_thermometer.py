@@ -304,5 +304,44 @@ def test_fake_quantized_model_is_what_the_int8_model_computes(bits):
     assert (model[1].scale, model[5].scale) == scales and model[5].bits == bits
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match="calibration gave no batch"):
+    with pytest.raises(ValueError, match=r"calibration is None, but 2 adder layer\(s\) have no scale trained"):
         quantize_adders_int8(small_adder_net(4)[0], None, bits=4)
+
+
+def test_a_failed_conversion_keeps_the_trained_scales_and_modes():
+    from test_adder_int8 import small_adder_net
+
+    from shiftadd.nn import fake_quantize_adders
+
+    model, x, _ = small_adder_net(32)
+    fake_quantize_adders(model, [x], bits=4)
+    trained = (model[1].quant, model[5].quant)
+    model.train()
+    model[2].eval()  # a frozen BatchNorm stays frozen
+    with pytest.raises(ValueError, match=r"calibration is None, but 2 adder layer\(s\) have no scale trained at 8"):
+        quantize_adders_int8(model, None)  # bits=8: the layers trained at 4
+    with pytest.raises(ValueError, match="calibration gave no batch"):
+        quantize_adders_int8(model, [], bits=4, recalibrate=True)
+    with pytest.raises(ValueError, match="calibration gave no batch"):
+        fake_quantize_adders(model, [], bits=3)
+    assert (model[1].quant, model[5].quant) == trained
+    assert model.training and model[1].training and not model[2].training
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        quantize_adders_int8(model, None, bits=4)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-4)
+
+
+def test_trained_and_untrained_layers_convert_together():
+    from test_adder_int8 import small_adder_net
+
+    model, x, _ = small_adder_net(32)
+    model[5].quant = (0.05, 4)  # only the classifier trained with its quantization
+    quantize_adders_int8(model, [x], bits=4)
+    assert model[5].scale == 0.05 and model[1].scale != 0.05
+
+
+def test_negative_padding_is_refused():
+    with pytest.raises(ValueError, match="padding must be non-negative"):
+        AdderConv2d(3, 4, 3, padding=-1)

@@ -8,8 +8,9 @@
 // weight per call): each vector is biased by 128 (v ^ 0x80) into unsigned bytes, which keeps
 // every difference, and vpsadbw (_mm256_sad_epu8 / _mm512_sad_epu8) sums 8 absolute byte
 // differences into each 64-bit lane.  A register tile of 2 (or, for one row of x, 1) rows
-// of x by 4 rows of w keeps one accumulator per pair; the last K % 32 (64) bytes of a row
-// go through a zero-filled buffer (zero on both sides adds nothing).  The AVX-512 version
+// of x by 4 rows of w keeps one accumulator per pair; the last K % 64 bytes of a row are one
+// masked load (AVX-512), or the last K % 32 go through a zero-filled buffer (AVX2): the
+// bytes past K are equal on both sides and add nothing.  The AVX-512 version
 // runs where the instruction set in use is avx512 and the CPU has AVX-512BW; else AVX2;
 // without AVX2 a scalar loop computes the same sums.
 

@@ -31,6 +31,8 @@ class ConvArgs:
             self.padding = padding
         else:
             self.padding = _pair(padding)
+            if any(p < 0 for p in self.padding):
+                raise ValueError(f"padding must be non-negative, got {padding!r}")
         self.padding_mode = padding_mode
         if isinstance(self.padding, tuple):
             self._reversed_padding_repeated_twice = _reverse_repeat_tuple(self.padding, 2)

@@ -350,6 +350,8 @@ def fake_quantize(t: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
     """The values the int8 layer computes with, ``clamp(round(t / s), lo, hi) * s`` (as
     :func:`quantize_int8`), with a straight-through gradient: 1 inside the grid's range,
     0 where t clips.  Same shape and dtype as t."""
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     lo, hi = (-128, 127) if bits == 8 else thermometer.value_range(bits)
     q = quantize_int8(t.detach(), scale, bits).to(_wide(t.dtype)).mul_(scale).to(t.dtype)
     tc = t.clamp(lo * scale, hi * scale)
@@ -358,6 +360,28 @@ def fake_quantize(t: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
 
 def _adders(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, (AdderLinear, AdderConv2d))}
+
+
+class _FloatForward:
+    """Within: every layer of `adders` computes in float (quant None) and `model` is in eval
+    mode; on exit each layer's quant and each module's train/eval flag are as before."""
+
+    def __init__(self, model: nn.Module, adders: dict):
+        self.model, self.adders = model, adders
+
+    def __enter__(self):
+        self.quant = {name: m.quant for name, m in self.adders.items()}
+        self.modes = {m: m.training for m in self.model.modules()}
+        for m in self.adders.values():
+            m.quant = None
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for name, m in self.adders.items():
+            m.quant = self.quant[name]
+        for m, mode in self.modes.items():
+            m.training = mode
+        return False
 
 
 def _check_calibration_args(bits: int, clip: Optional[str]) -> str:
@@ -371,7 +395,7 @@ def _check_calibration_args(bits: int, clip: Optional[str]) -> str:
 @torch.no_grad()
 def _calibrate(model: nn.Module, adders: dict, calibration, bits: int, clip: str, keep: bool) -> tuple:
     """({name: scale} for `adders`, the calibration inputs if `keep`), from running `model`
-    on `calibration`; see quantize_adders_int8 for the two clip rules."""
+    on `calibration` (inside _FloatForward); see quantize_adders_int8 for the two clip rules."""
     seen = {name: 0.0 for name in adders}
     kept = {name: [] for name in adders}  # the clip search's samples: (rows, K) or (N, C, H, W) copies
 
@@ -387,7 +411,6 @@ def _calibrate(model: nn.Module, adders: dict, calibration, bits: int, clip: str
 
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
              for name, m in adders.items()]
-    model.eval()
     batches, count = [], 0
     try:
         for b in calibration if calibration is not None else ():
@@ -453,13 +476,10 @@ def fake_quantize_adders(model: nn.Module, calibration, bits: int = 4, clip: Opt
     adders = _adders(model)
     if not adders:
         return model
-    for m in adders.values():
-        m.quant = None  # calibrate on the float layers
-    training = model.training
-    scales, _ = _calibrate(model, adders, calibration, bits, clip, keep=False)
+    with _FloatForward(model, adders):  # calibrate on the float layers
+        scales, _ = _calibrate(model, adders, calibration, bits, clip, keep=False)
     for name, m in adders.items():
         m.quant = (scales[name], bits)
-    model.train(training)
     return model
 
 
@@ -509,11 +529,14 @@ def quantize_adders_int8(model: nn.Module, calibration, bits: int = 8, clip: Opt
     trained = {name: m.quant[0] for name, m in adders.items() if m.quant is not None and m.quant[1] == bits}
     recalibrate = (bits < 8 and len(trained) < len(adders)) if recalibrate is None else recalibrate
     todo = {name: m for name, m in adders.items() if name not in trained}
+    if (todo or recalibrate) and calibration is None:
+        why = (f"{len(todo)} adder layer(s) have no scale trained at {bits} bits (fake_quantize_adders): "
+               f"{sorted(todo)[:3]}" if todo else "recalibrate=True needs the calibration batches")
+        raise ValueError(f"calibration is None, but {why}")
     scales, batches = dict(trained), []
     if todo or recalibrate:
-        for m in adders.values():
-            m.quant = None  # the float layers' inputs, as the clip rules expect
-        found, batches = _calibrate(model, todo, calibration, bits, clip, keep=recalibrate)
+        with _FloatForward(model, adders):  # the float layers' inputs, as the clip rules expect
+            found, batches = _calibrate(model, todo, calibration, bits, clip, keep=recalibrate)
         scales.update(found)
     replaced = {name: _int8_layer(m, scales[name], bits) for name, m in adders.items()}
     for name, q in replaced.items():
