@@ -5,6 +5,8 @@
   else digits upscaled), with ``auto`` and with the ``reference`` backend forced, against
   the same net built with nn.Conv2d (``/ conv net``; peak MB: CUDA memory of the steps
   above what the model and data held before them);
+* inference: ms per batch of the ResNet-20 adder net in float32 and converted to exact
+  int8 / 4-bit sums (quantize_adders_int8), against the nn.Conv2d net;
 * search: wall time of the same small digits search (supernet training and evolution)
   under both, on the 8x8 images and on the images upscaled (``--search-upscale``, default
   32): at 8x8 every layer is a few microseconds of work and both backends time Python and
@@ -71,6 +73,45 @@ def train_steps(device, data_dir, steps: int, batch: int, backend: str, variant:
             "peak_mb": peak}
 
 
+def inference_times(device, data_dir, batch: int, reps: int = 10) -> dict:
+    """Milliseconds per batch (median of `reps`) of ResNet-20 inference at 32x32: the adder
+    net in float32 (``auto``), the same net after quantize_adders_int8 at 8 and 4 bits (one
+    calibration batch; the weights are untrained, which does not change the time), and
+    the nn.Conv2d net."""
+    import copy
+
+    from ..data import load_dataset, make_loaders
+    from ..models import build_model
+    from ..nn import quantize_adders_int8
+
+    if data_dir and os.path.isdir(data_dir):
+        splits = load_dataset("cifar10", data_dir)
+    else:
+        splits = load_dataset("digits", upscale=32)
+    x = next(iter(make_loaders(splits, batch, 0).train))[0].to(device)
+    torch.manual_seed(0)
+    nets = {"adder float32": build_model("resnet20", "adder", splits.num_classes, splits.in_channels).to(device)}
+    nets["adder int8 (exact sums)"] = quantize_adders_int8(copy.deepcopy(nets["adder float32"]), [x])
+    nets["adder 4-bit (exact sums)"] = quantize_adders_int8(copy.deepcopy(nets["adder float32"]), [x], bits=4)
+    nets["conv (nn.Conv2d) float32"] = build_model("resnet20", "conv", splits.num_classes, splits.in_channels).to(device)
+    out = {}
+    with torch.no_grad():
+        for name, net in nets.items():
+            net.eval()
+            net(x)
+            times = []
+            for _ in range(reps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                net(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            out[name] = sorted(times)[len(times) // 2] * 1e3
+    return out
+
+
 def search_time(device, backend: str, upscale=None):
     from ..nas.pipeline import main as nas_main
 
@@ -104,14 +145,19 @@ def main(argv=None) -> int:
                      "peak MB": r["peak_mb"]})
     rows.append({"job": f"ResNet-20 conv (nn.Conv2d) train, batch {a.batch}, {conv['data']}", "backend": "-",
                  "s/step": conv["step_s"], "s/epoch": conv["epoch_s"], "peak MB": conv["peak_mb"]})
+    inf = inference_times(device, a.data_dir, a.batch)
+    conv_ms = inf["conv (nn.Conv2d) float32"]
+    for name, ms in inf.items():
+        rows.append({"job": f"ResNet-20 inference, batch {a.batch}, 32x32", "backend": name, "ms/batch": ms,
+                     "/ conv net": ms / conv_ms})
     for size in [None] + ([a.search_upscale] if a.search_upscale else []):
         st = {b: search_time(device, b, size) for b in ("auto", "reference")}
         where = f"digits upscaled to {size}x{size}" if size else "digits 8x8"
         for b, t in st.items():
             rows.append({"job": f"search, {where} (3 supernet epochs, 3 generations of 12)", "backend": b,
                          "seconds": t, "ref / this": st["reference"] / t})
-    print(markdown_table(rows, ["job", "backend", "s/step", "s/epoch", "seconds", "ref / this", "/ conv net",
-                                "peak MB"]))
+    print(markdown_table(rows, ["job", "backend", "s/step", "s/epoch", "ms/batch", "seconds", "ref / this",
+                                "/ conv net", "peak MB"]))
     print(f"\ns/epoch = steps per epoch ({tr['auto']['steps_per_epoch']}) x the median of {a.steps} measured steps.")
     return 0
 
