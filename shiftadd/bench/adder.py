@@ -199,7 +199,7 @@ def run_case(case: Case, device: torch.device, include_reference: bool = True, m
         with torch.no_grad():
             t = add("forward int8 (exact)", "AdderConv2dInt8 (auto)", lambda: layer(x))
         rows[-1].update(_ratios(t, base, "mult"))
-    if not case.conv:  # the quantized inference path: int8 operands, exact int32 sums
+    else:  # the quantized inference path: int8 operands, exact int32 sums
         xq = torch.randint(-128, 128, case.x, dtype=torch.int8, device=device)
         wq = torch.randint(-128, 128, case.w, dtype=torch.int8, device=device)
         for b in backends_for("adder_linear_int8", device, include_reference):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import use_backend
-from .timing import environment, markdown_table
+from .timing import environment, markdown_table, measure
 
 
 def train_steps(device, data_dir, steps: int, batch: int, backend: str, variant: str = "adder"):
@@ -94,22 +94,10 @@ def inference_times(device, data_dir, batch: int, reps: int = 10) -> dict:
     nets["adder int8 (exact sums)"] = quantize_adders_int8(copy.deepcopy(nets["adder float32"]), [x])
     nets["adder 4-bit (exact sums)"] = quantize_adders_int8(copy.deepcopy(nets["adder float32"]), [x], bits=4)
     nets["conv (nn.Conv2d) float32"] = build_model("resnet20", "conv", splits.num_classes, splits.in_channels).to(device)
-    out = {}
-    with torch.no_grad():
-        for name, net in nets.items():
-            net.eval()
-            net(x)
-            times = []
-            for _ in range(reps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                net(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-            out[name] = sorted(times)[len(times) // 2] * 1e3
-    return out
+    for net in nets.values():
+        net.eval()
+    with torch.no_grad():  # measure: one warm-up call, then the median of `reps`
+        return {name: measure(lambda: net(x), device, reps=reps) * 1e3 for name, net in nets.items()}
 
 
 def search_time(device, backend: str, upscale=None):

@@ -107,11 +107,11 @@ def _recipe_variant(gene: dict, mode: str = SHIFT_MODE) -> str:
     trains with SGD (lr 0.1, cosine).  With ``mode="ps"``: Adam for shift nets without adder
     layers (DeepShift-PS), SGD with a lower shift lr when adder weights are present too
     (Adam's steps barely move N(0, 1) adder weights), else SGD."""
+    if mode != "ps":
+        return "conv"  # the same SGD recipe as recipe_for("shift", mode="q"): Q has no P / S parameters
     ops = count_ops(gene)
     shifty = ops.get("shift", 0) + ops.get("shiftadd", 0)
     addery = ops.get("adder", 0) + ops.get("shiftadd", 0)
-    if mode != "ps":
-        return "conv"  # the same SGD recipe as recipe_for("shift", mode="q"): Q has no P / S parameters
     if shifty and addery:
         return "shiftadd"
     return "shift" if shifty else "conv"

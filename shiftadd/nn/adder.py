@@ -317,8 +317,7 @@ def _int8_scale(weight: torch.Tensor, act_absmax: float, bits: int = 8) -> float
     if not (isinstance(act_absmax, (int, float)) and act_absmax >= 0 and math.isfinite(act_absmax)):
         raise ValueError(f"act_absmax must be a finite number >= 0, got {act_absmax!r}")
     top = max(float(weight.abs().max()) if weight.numel() else 0.0, float(act_absmax))
-    qmax = thermometer.value_range(bits)[1] if bits < 8 else 127
-    return (top / float(qmax)) if top > 0 else 1.0
+    return (top / float(thermometer.value_range(bits)[1])) if top > 0 else 1.0
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -330,7 +329,7 @@ def quantize_int8(t: torch.Tensor, scale: float, bits: int = 8) -> torch.Tensor:
     or the bits-bit signed range, divided in float32 (float64 for float64 t): a 16-bit
     quotient would be rounded before the rounding to an integer."""
     thermometer.check_bits(bits)
-    lo, hi = (-128, 127) if bits == 8 else thermometer.value_range(bits)
+    lo, hi = thermometer.value_range(bits)
     return (t.to(_wide(t.dtype)) / scale).round_().clamp_(lo, hi).to(torch.int8)
 
 
@@ -352,7 +351,7 @@ def fake_quantize(t: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
     0 where t clips.  Same shape and dtype as t."""
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
-    lo, hi = (-128, 127) if bits == 8 else thermometer.value_range(bits)
+    lo, hi = thermometer.value_range(bits)
     q = quantize_int8(t.detach(), scale, bits).to(_wide(t.dtype)).mul_(scale).to(t.dtype)
     tc = t.clamp(lo * scale, hi * scale)
     return tc + (q - tc).detach()
@@ -441,12 +440,9 @@ def _int8_layer(m, scale: float, bits: int):
 
 def _best_clip(layer, top_scale: float, xs: torch.Tensor, bits: int) -> float:
     """Among top_scale times each of CLIP_FACTORS, the scale whose int8 layer's output on xs
-    is closest to `layer`'s float output, the error of each output channel over its variance."""
-    quant, layer.quant = layer.quant, None
-    try:
-        y = layer(xs)  # (rows, O) or (N, O, Ho, Wo)
-    finally:
-        layer.quant = quant
+    is closest to `layer`'s float output (called inside _FloatForward, so `layer` computes in
+    float), the error of each output channel over its variance."""
+    y = layer(xs)  # (rows, O) or (N, O, Ho, Wo)
     dims = [d for d in range(y.dim()) if d != 1]
     per_channel = y.numel() // max(y.shape[1], 1)
     var = y.var(dim=dims, keepdim=True).clamp_min(1e-12) if per_channel > 1 else torch.ones_like(y)
