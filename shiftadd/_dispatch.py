@@ -68,6 +68,8 @@ GPU_VALIDATED: frozenset = frozenset({"cuda"})
 GPU_NOT_YET_RUN: dict = {
     ("cuda", "shift_linear_packed"): "its packed GEMV kernel (2026-11-22) is compile-checked but has not run on a GPU",
     ("triton", "shift_linear_packed"): "its split-K GEMV path (2026-11-22) ran only under the Triton interpreter",
+    **{("cuda", f): "its fp16x2 kernel (2026-11-23, adder_fwd_h2) is compile-checked and ran in a host emulation, "
+                    "not on a GPU" for f in ("adder_linear_fp16x2", "adder_conv2d_fp16x2")},
     ("cuda", "adder_linear_int8"): "its __vsadu4 kernel (2026-11-23) is compile-checked and ran in a host emulation, "
                                    "not on a GPU",
     **{("cuda", f): "its elementwise kernel was rewritten for out_dtype (2026-11-23): compile-checked and run in a "
@@ -261,6 +263,36 @@ def auto_eligible(name: str, family: str | None = None) -> bool:
 def get_op(family: str, x: torch.Tensor):
     """The registered op of the backend :func:`select` picks."""
     return _ops.op(select(family, x), family)
+
+
+ACCUMULATE = ("fp32", "fp16x2")
+
+
+def adder_forward_op(family: str, x: torch.Tensor, accumulate: str = "fp32"):
+    """The op for the adder forward `family` ("adder_linear" / "adder_conv2d") on tensors like x.
+
+    accumulate "fp16x2" with float16 x takes the family's fp16x2 variant (float16 partial
+    sums) where the backend that would run has it: "cuda" (under auto only once it is
+    validated, see GPU_NOT_YET_RUN), or "cuda" / "reference" when forced.  Otherwise the
+    float32-accumulating op of :func:`get_op`, which is never less accurate: the cpu and
+    triton backends have no fp16x2 kernel, and other dtypes have no fp16x2 arithmetic."""
+    if accumulate == "fp16x2":
+        name = fp16x2_backend(family, x.device, x.dtype)
+        if name is not None:
+            return _ops.op(name, family + "_fp16x2")
+    return get_op(family, x)
+
+
+def fp16x2_backend(family: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The backend that runs `family` with accumulate="fp16x2" in fp16x2 arithmetic, or None
+    where the float32-accumulating op runs instead (:func:`adder_forward_op`)."""
+    if dtype != torch.float16:
+        return None
+    fam = family + "_fp16x2"
+    name = "cuda" if _forced == "auto" else _forced
+    if why_not(name, fam, device, dtype) is None and (_forced != "auto" or auto_eligible(name, fam)):
+        return name
+    return None
 
 
 def explain(device: str | torch.device = "cpu", family: str = "adder_conv2d",

@@ -23,6 +23,11 @@ Adder families (x, weight and grad_out share one floating dtype; output has x's 
 ``adder_conv2d_grad_weight``   -> like weight (contiguous)
 =============================  ==========================================================
 
+``adder_linear_fp16x2`` / ``adder_conv2d_fp16x2``: the forwards in float16 only, computed in
+packed half2 arithmetic (float16 partial sums of 16 terms added in float32; backends "cuda"
+and "reference", whose result is the kernel's bit for bit); their gradients are the
+families' above.
+
 Quantizer families (elementwise, contiguous output of the input's shape and dtype):
 ``quantize_pot_q``, ``quantize_pot_ps``, ``round_to_fixed``.  The two weight quantizers
 take ``out_dtype`` (None: the input's dtype): the power-of-two weight is then written
@@ -61,6 +66,14 @@ ADDER_SCHEMAS = {
     "adder_conv2d_grad_weight": f"(Tensor grad_out, Tensor x, Tensor weight, {_CONV_ARGS}, str grad_mode) -> Tensor",
 }
 
+# The adder forward in fp16x2 arithmetic (float16 only; backends "cuda" and "reference", the
+# reference reproducing the kernel's sums bit for bit): float16 partial sums of 16 columns
+# added in float32.  Same schemas as the forward families; the backward is theirs.
+FP16X2_SCHEMAS = {
+    "adder_linear_fp16x2": ADDER_SCHEMAS["adder_linear"],
+    "adder_conv2d_fp16x2": ADDER_SCHEMAS["adder_conv2d"],
+}
+
 QUANT_SCHEMAS = {
     "quantize_pot_q": "(Tensor weight, int weight_bits, Tensor? noise, ScalarType? out_dtype=None) -> Tensor",
     "quantize_pot_ps": "(Tensor shift, Tensor sign, int weight_bits, Tensor? noise, ScalarType? out_dtype=None) -> Tensor",
@@ -78,13 +91,13 @@ PACKED_SCHEMAS = {
     "shift_linear_int": f"(Tensor x_int, {_PACKED_ARGS}) -> Tensor",
 }
 
-SCHEMAS = {**ADDER_SCHEMAS, **QUANT_SCHEMAS, **PACKED_SCHEMAS, **INT8_ADDER_SCHEMAS}
+SCHEMAS = {**ADDER_SCHEMAS, **FP16X2_SCHEMAS, **QUANT_SCHEMAS, **PACKED_SCHEMAS, **INT8_ADDER_SCHEMAS}
 INFERENCE_ONLY = (*PACKED_SCHEMAS, *INT8_ADDER_SCHEMAS)
 
 # Which families each backend implements.  A backend that lacks a family is skipped by
 # the dispatcher with that reason.
 FAMILIES = {
-    "cpu": tuple(SCHEMAS),
+    "cpu": tuple(f for f in SCHEMAS if f not in FP16X2_SCHEMAS),
     "cuda": tuple(f for f in SCHEMAS if f != "shift_linear_int"),
     "triton": (*ADDER_SCHEMAS, *QUANT_SCHEMAS, "shift_linear_packed"),
     "reference": tuple(SCHEMAS),
@@ -165,6 +178,10 @@ def _fake_adder_conv2d(x, weight, stride, padding, dilation, groups, grad_mode):
     return x.new_empty(shape).contiguous(memory_format=conv_memory_format(x))
 
 
+_fake_adder_linear_fp16x2 = _fake_adder_linear
+_fake_adder_conv2d_fp16x2 = _fake_adder_conv2d
+
+
 def _fake_adder_conv2d_grad_input(grad_out, x, weight, stride, padding, dilation, groups, grad_mode):
     _conv_shape("adder_conv2d_grad_input", x, weight, stride, padding, dilation, groups)
     return x.new_empty(x.shape).contiguous(memory_format=conv_memory_format(x))
@@ -237,8 +254,10 @@ _FAKES = {name: globals()[f"_fake_{name}"] for name in SCHEMAS}
 
 def _adder_autograd(backend: str, family: str):
     """setup_context / backward for a forward adder op of `backend`: the backward calls
-    that backend's grad_input and grad_weight ops, each only when needed."""
-    gi_op, gw_op = op(backend, family + "_grad_input"), op(backend, family + "_grad_weight")
+    that backend's grad_input and grad_weight ops, each only when needed (those of
+    adder_linear / adder_conv2d for the fp16x2 forwards)."""
+    base = family.removesuffix("_fp16x2")
+    gi_op, gw_op = op(backend, base + "_grad_input"), op(backend, base + "_grad_weight")
 
     def setup_context(ctx, inputs, output):
         x, weight, *rest = inputs
@@ -328,7 +347,7 @@ _QUANT_BACKWARD = {
 def _finish_registration(backend: str, family: str) -> None:
     qualname = "shiftadd::" + PREFIX[backend] + family
     torch.library.register_fake(qualname, _FAKES[family], lib=LIB)
-    if family in ("adder_linear", "adder_conv2d"):
+    if family in ("adder_linear", "adder_conv2d", *FP16X2_SCHEMAS):
         setup, bwd = _adder_autograd(backend, family)
         torch.library.register_autograd(qualname, bwd, setup_context=setup, lib=LIB)
     elif family == "quantize_pot_ps":

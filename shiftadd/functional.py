@@ -84,13 +84,21 @@ def _check_bias(bias, out_features: int, x: torch.Tensor) -> None:
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
 
 
-def _autocast(*tensors):
-    """Under autocast, float32 (see the module docstring); else unchanged."""
+def _autocast(*tensors, accumulate: str = "fp32"):
+    """Under autocast, float32 (see the module docstring), or float16 when the layer asked
+    for fp16x2 arithmetic and autocast computes in float16; else unchanged."""
     x = tensors[0]
     dev = x.device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        return tuple(None if t is None else t.float() for t in tensors)
+        half = accumulate == "fp16x2" and torch.get_autocast_dtype(dev) == torch.float16
+        dt = torch.float16 if half else torch.float32
+        return tuple(None if t is None else t.to(dt) for t in tensors)
     return tensors
+
+
+def _check_accumulate(accumulate: str) -> None:
+    if accumulate not in _dispatch.ACCUMULATE:
+        raise ValueError(f"accumulate must be one of {_dispatch.ACCUMULATE}, got {accumulate!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -99,28 +107,34 @@ def _autocast(*tensors):
 
 
 def adder_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 grad_mode: str = "addernet") -> torch.Tensor:
+                 grad_mode: str = "addernet", accumulate: str = "fp32") -> torch.Tensor:
     """Adder (L1) linear layer: ``y[..., o] = -sum_k |x[..., k] - weight[o, k]| + bias[o]``.
 
     x (*, K), weight (O, K), bias (O,) or None -> (*, O), x's dtype.
     grad_mode "addernet" (default): full-precision weight gradient and HardTanh input
     gradient (AdderNet); "exact": the true (sign) derivative.
+    accumulate "fp32" (default): float32 sums for every dtype; "fp16x2": float16 x and
+    weight may be summed in packed half2 arithmetic (float16 partial sums of 16 terms added
+    in float32: about twice the float16 rounding error of the output), where a kernel for
+    it runs (:func:`shiftadd._dispatch.adder_forward_op`); elsewhere, and for other
+    dtypes, float32 sums.  The gradients are the same either way.
     """
     _check_tensor("x", x)
     _check_tensor("weight", weight)
     _check_grad_mode(grad_mode)
+    _check_accumulate(accumulate)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features)")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension, weight expects {weight.shape[1]}")
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = _autocast(x, weight, bias, accumulate=accumulate)
     _check_same("weight", weight, x)
     _check_bias(bias, weight.shape[0], x)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
-    y = _dispatch.get_op("adder_linear", x2)(x2, weight, grad_mode)
+    y = _dispatch.adder_forward_op("adder_linear", x2, accumulate)(x2, weight, grad_mode)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, weight.shape[0])
@@ -195,17 +209,18 @@ def resolve_padding(padding, weight, stride, dilation, x: torch.Tensor):
 
 def adder_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: IntPair = 1,
                  padding: Union[IntPair, str] = 0, dilation: IntPair = 1, groups: int = 1,
-                 grad_mode: str = "addernet") -> torch.Tensor:
+                 grad_mode: str = "addernet", accumulate: str = "fp32") -> torch.Tensor:
     """Adder (L1) 2-D convolution (AdderNet): ``y[n, o, p] = -sum_k |patch_p[k] - weight[o, k]| + bias[o]``.
 
     x (N, C, H, W) or unbatched (C, H, W); weight (O, C/groups, kh, kw); bias (O,) or None
     -> (N, O, Ho, Wo) (or (O, Ho, Wo)), x's dtype, channels-last when x is.
     Arguments as :func:`torch.nn.functional.conv2d`; padded positions are zeros of x, so
-    they contribute -|w|.  grad_mode as :func:`adder_linear`.
+    they contribute -|w|.  grad_mode and accumulate as :func:`adder_linear`.
     """
     _check_tensor("x", x)
     _check_tensor("weight", weight)
     _check_grad_mode(grad_mode)
+    _check_accumulate(accumulate)
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (out_channels, in_channels/groups, kh, kw), got shape {tuple(weight.shape)}")
     if x.dim() not in (3, 4):
@@ -224,7 +239,7 @@ def adder_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if weight.shape[1] * groups != C:
         raise ValueError(f"weight expects {weight.shape[1] * groups} input channels (shape {tuple(weight.shape)}, "
                          f"groups={groups}) but x has {C}")
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = _autocast(x, weight, bias, accumulate=accumulate)
     _check_same("weight", weight, x)
     _check_bias(bias, O, x)
     x, padding = resolve_padding(padding, weight, stride, dilation, x)
@@ -232,7 +247,8 @@ def adder_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         if x.shape[dim] + 2 * p < d * (k - 1) + 1:
             raise ValueError(f"input size {tuple(x.shape[2:])} with padding {padding} is smaller than the dilated "
                              f"kernel ({d * (k - 1) + 1} along dim {dim})")
-    y = _dispatch.get_op("adder_conv2d", x)(x, weight, stride, padding, dilation, groups, grad_mode)
+    y = _dispatch.adder_forward_op("adder_conv2d", x, accumulate)(x, weight, stride, padding, dilation, groups,
+                                                                  grad_mode)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     return y.squeeze(0) if unbatched else y

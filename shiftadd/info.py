@@ -39,6 +39,13 @@ def report() -> str:
         lines.append(f"device {dev}, float32:")
         width = max(len(f) for f in _ops.SCHEMAS)
         for family in _ops.SCHEMAS:
+            if family in _ops.FP16X2_SCHEMAS:  # reached through accumulate="fp16x2", float16 only
+                base = family.removesuffix("_fp16x2")
+                name = _dispatch.fp16x2_backend(base, torch.device(dev), torch.float16)
+                lines.append(f"  {family:<{width}}  accumulate='fp16x2' on float16 -> "
+                             + (name or f"{_dispatch.select_on(base, torch.device(dev), torch.float16)} "
+                                        f"{base} (float32 sums)"))
+                continue
             e = _dispatch.explain(dev, family)
             lines.append(f"  {family:<{width}}  auto -> {e['auto']}")
         lines.append("  why not the others:")

@@ -96,10 +96,13 @@ at::Tensor grad_columns(const at::Tensor& grad, const Geom& g) {
   return gt;
 }
 
-at::Tensor forward_impl(const char* op, const at::Tensor& x, const at::Tensor& w_in, const Geom& g, bool conv) {
+at::Tensor forward_impl(const char* op, const at::Tensor& x, const at::Tensor& w_in, const Geom& g, bool conv,
+                        bool fp16x2 = false) {
   check_float_pair(op, x, w_in);
   check_device(op, x, "x");
   const k::DType dt = compute_dtype(op, x.scalar_type());
+  TORCH_CHECK(!fp16x2 || dt == k::DType::Float16, op, ": x and weight must be float16 (fp16x2 arithmetic), got ",
+              x.scalar_type());
   const k::ConvGeom cg = to_kernel_geom(g);
   check_sizes(op, cg);
   c10::cuda::CUDAGuard guard(x.device());
@@ -109,7 +112,7 @@ at::Tensor forward_impl(const char* op, const at::Tensor& x, const at::Tensor& w
   if (y.numel() == 0) return y;
   if (g.K == 0) return y.zero_();
   const int64_t ys[4] = {y.stride(0), y.stride(1), conv ? y.stride(2) : 0, conv ? y.stride(3) : 0};
-  const k::Algo algo = algo_from_env();
+  const k::Algo algo = fp16x2 ? k::Algo::Fp16x2 : algo_from_env();
   const size_t bytes = k::adder_forward_workspace(cg, algo);
   at::Tensor ws = workspace(x, bytes);
   check_launch(op, k::adder_forward(cg, dt, x.const_data_ptr(), w.const_data_ptr(), y.mutable_data_ptr(), ys,
@@ -181,6 +184,14 @@ at::Tensor adder_linear(const at::Tensor& x, const at::Tensor& weight, c10::stri
   return forward_impl("shiftadd::adder_linear", x, weight, g, false);
 }
 
+// float16 only: the forward in half2 arithmetic (kernels.h, Algo::Fp16x2); its gradients are
+// those of adder_linear (shiftadd/_ops.py registers the autograd).
+at::Tensor adder_linear_fp16x2(const at::Tensor& x, const at::Tensor& weight, c10::string_view grad_mode) {
+  parse_grad_mode(grad_mode);
+  const Geom g = make_linear_geom("shiftadd::adder_linear_fp16x2", x, weight);
+  return forward_impl("shiftadd::adder_linear_fp16x2", x, weight, g, false, true);
+}
+
 at::Tensor adder_linear_grad_input(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                    c10::string_view grad_mode) {
   const Geom g = make_linear_geom("shiftadd::adder_linear_grad_input", x, weight);
@@ -213,6 +224,14 @@ at::Tensor adder_conv2d(const at::Tensor& x, const at::Tensor& weight, at::IntAr
   parse_grad_mode(grad_mode);
   const Geom g = make_conv_geom("shiftadd::adder_conv2d", x, weight, stride, padding, dilation, groups);
   return forward_impl("shiftadd::adder_conv2d", x, weight, g, true);
+}
+
+at::Tensor adder_conv2d_fp16x2(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               c10::string_view grad_mode) {
+  parse_grad_mode(grad_mode);
+  const Geom g = make_conv_geom("shiftadd::adder_conv2d_fp16x2", x, weight, stride, padding, dilation, groups);
+  return forward_impl("shiftadd::adder_conv2d_fp16x2", x, weight, g, true, true);
 }
 
 at::Tensor adder_conv2d_grad_input(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
@@ -252,6 +271,8 @@ TORCH_LIBRARY_IMPL(shiftadd, CUDA, m) {
   m.impl("adder_conv2d", &adder_conv2d);
   m.impl("adder_conv2d_grad_input", &adder_conv2d_grad_input);
   m.impl("adder_conv2d_grad_weight", &adder_conv2d_grad_weight);
+  m.impl("adder_linear_fp16x2", &adder_linear_fp16x2);
+  m.impl("adder_conv2d_fp16x2", &adder_conv2d_fp16x2);
 }
 
 }  // namespace cuda_glue

@@ -16,6 +16,8 @@
 //   adder_fwd_tiled   128x128 (or 256x32) block tile, 8x8 (8x4) outputs per thread,
 //                     BK = 8, two shared-memory stages filled by cp.async (float) or
 //                     through registers (half / bfloat16, converted to float on the way)
+//   adder_fwd_h2      float16 only (Algo::Fp16x2): the tiled forward in half2 arithmetic,
+//                     float16 partial sums flushed to float32 every 16 columns
 //   adder_fwd_direct  one thread per (row, group), all Og <= 8 outputs in registers
 //   adder_gin_tiled   128x64 (256x32) tile of (input position, channel), 8x4 per thread,
 //                     reduction over (tap, o) in chunks of 8 o
@@ -23,7 +25,8 @@
 //   adder_gw_tiled    64x64 tile of (o, k), 4x4 per thread, rows split over blocks into
 //                     float32 partial sums, adder_gw_reduce adds them in a fixed order
 //   adder_gw_direct   one block per (o, k), fixed-order tree reduction
-// All accumulate in float32.  Results are deterministic (no atomics anywhere).
+// All accumulate in float32 (adder_fwd_h2: in float16 partial sums of 16 terms, then float32).
+// Results are deterministic (no atomics anywhere).
 //
 // NaN / Inf follow the CPU kernels: |x - w| and the hardtanh propagate NaN (clamp written
 // with comparisons, which ptxas turns into NaN-propagating FMNMX.NAN); sign(0) =
@@ -238,16 +241,22 @@ __global__ void adder_prep_ktab(const DevGeom g, int2* __restrict__ ktab, int nk
 __device__ __forceinline__ int tab_dy(int2 e) { return e.y >> 16; }
 __device__ __forceinline__ int tab_dx(int2 e) { return e.y & 0xffff; }
 
-// wt[gi][t][o] = w(gi Og + o, column t) as float, for the forward (w(o, k) = w[o wsO + k wsK]).
-template <typename T>
+// wt[gi][t][o] = w(gi Og + o, column t) as float (WT = float) or as is (WT = T = __half, for
+// the fp16x2 forward), for the forward (w(o, k) = w[o wsO + k wsK]).
+__device__ __forceinline__ void store_wt(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_wt(float* p, __half v) { *p = __half2float(v); }
+__device__ __forceinline__ void store_wt(float* p, __nv_bfloat16 v) { *p = __bfloat162float(v); }
+__device__ __forceinline__ void store_wt(__half* p, __half v) { *p = v; }
+
+template <typename T, typename WT = float>
 __global__ void adder_prep_wt(const DevGeom g, const T* __restrict__ w, long long wsO, long long wsK, int cl_order,
-                              float* __restrict__ wt) {
+                              WT* __restrict__ wt) {
   const int total = g.G * g.K * g.Og;
   for (long long idx_ = blockIdx.x * blockDim.x + threadIdx.x; idx_ < total; idx_ += gridDim.x * blockDim.x) {
     const int idx = static_cast<int>(idx_);  // 64-bit loop counter: no overflow near 2^31
     const int o = idx % g.Og, rest = idx / g.Og;
     const int t = rest % g.K, gi = rest / g.K;
-    wt[idx] = to_f(w[(long long)(gi * g.Og + o) * wsO + (long long)column_k(g, t, cl_order) * wsK]);
+    store_wt(wt + idx, w[(long long)(gi * g.Og + o) * wsO + (long long)column_k(g, t, cl_order) * wsK]);
   }
 }
 
@@ -424,6 +433,176 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int j = 0; j < TN; j++) {
           const int o = o0 + (j < 4 ? tx * 4 + j : BN / 2 + tx * 4 + (j - 4));
           if (o < g.Og) y[roff + (long long)(gi * g.Og + o) * ys.c] = from_f<T>(-acc[i][j]);
+        }
+      }
+    }
+  }
+}
+
+// fp16x2 forward (float16 x and w only): the tile of adder_fwd_tiled computed in packed
+// half2 arithmetic, two outputs per instruction.  Each thread holds its 8 x TN outputs
+// as 8 x TN/2 __half2 partial sums: h += |a - b| (HSUB2, then HADD2 of the absolute
+// value), each step rounded to float16.  After every kH2Flush columns (and at the end)
+// the partial sums are added to float32 accumulators and restart from zero, so the
+// float16 rounding error grows with kH2Flush, not with K.  Shared memory holds float16.
+// Result (bit for bit, shiftadd/reference/adder.py l1_forward_fp16x2): columns t in the
+// kernel's order (column_k), in chunks of kH2Flush from t = 0; per chunk a float16 sum in
+// column order starting from +0; chunks added in order to a float32 sum from 0; the output
+// is float16(-sum).  A float16 |a - b| or chunk sum above 65504 becomes inf.
+constexpr int kPadH = 8;                 // shared-memory row padding, in halves (16 bytes)
+constexpr int kH2Flush = 2 * kBK;        // columns per float16 partial sum
+
+__device__ __forceinline__ __half2 bcast_lo(__half2 v) { return __low2half2(v); }
+__device__ __forceinline__ __half2 bcast_hi(__half2 v) { return __high2half2(v); }
+
+template <bool CL, class Cfg>
+__global__ void __launch_bounds__(kThreads, 1)
+    adder_fwd_h2(const DevGeom g, const __half* __restrict__ x, const int2* __restrict__ ktab,
+                 const __half* __restrict__ wt, __half* __restrict__ y, const Strides4 ys) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, TN = Cfg::TN, BK = kBK;
+  constexpr int AE = BM * BK / kThreads;  // A elements per thread and stage
+  constexpr int BE = BN * BK / kThreads;  // B elements per thread and stage
+  constexpr int TX = BN / TN;             // threads along the columns of the tile
+  constexpr int RSTEP = kThreads / BK;    // CL: row distance between a thread's A elements
+  constexpr int FS = kH2Flush / BK;       // stages per float16 partial sum
+  static_assert(AE >= 1 && BE >= 1 && TX * (BM / 8) == kThreads && (TN == 8 || TN == 4), "tile config");
+  static_assert(CL || (kThreads % BM == 0 && (kThreads / BM) * AE == BK), "row mapping");
+  static_assert(!CL || RSTEP * AE == BM, "column mapping");
+  static_assert(kThreads % BN == 0 && (kThreads / BN) * BE == BK, "B mapping");
+  static_assert(kH2Flush % BK == 0, "flush at stage ends");
+
+  __shared__ __align__(16) __half As[2][BK][BM + kPadH];
+  __shared__ __align__(16) __half Bs[2][BK][BN + kPadH];
+
+  const int tid = threadIdx.x;
+  const int m0 = blockIdx.x * BM;
+  const int nT = (g.K + BK - 1) / BK;
+  const int nOt = (g.Og + BN - 1) / BN;
+  const __half hzero = __float2half_rn(0.f);
+
+  __shared__ int4 Rows[BM];  // as in adder_fwd_tiled
+  const int a_m = CL ? tid / BK : tid % BM;
+  const int a_k = CL ? tid % BK : (tid / BM) * AE;
+  for (int m = tid; m < BM; m += kThreads) {
+    const int r = m0 + m;
+    int4 e = make_int4(0, 0, kFar, kFar);
+    if (r < g.R) {
+      const RowPos p = decode_row(g, r);
+      e.z = p.oy * g.sh - g.ph;
+      e.w = p.ox * g.sw - g.pw;
+      const long long base = p.n * g.xsN + e.z * g.xsH + e.w * g.xsW;
+      e.x = static_cast<int>(static_cast<unsigned long long>(base) & 0xffffffffULL);
+      e.y = static_cast<int>(base >> 32);
+    }
+    Rows[m] = e;
+  }
+  __syncthreads();
+  const int b_o = tid % BN, b_k = (tid / BN) * BE;
+  const int tx = tid % TX, ty = tid / TX;
+
+  for (long long yz_ = blockIdx.y; yz_ < g.G * nOt; yz_ += gridDim.y) {
+    const int yz = static_cast<int>(yz_);
+    const int gi = yz / nOt, o0 = (yz - gi * nOt) * BN;
+    const __half* xg = x + (long long)gi * g.Cg * g.xsC;
+    const __half* wg = wt + (long long)gi * g.K * g.Og;
+    __half areg[AE], breg[BE];
+    float acc[8][TN];
+    __half2 h[8][TN / 2];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+#pragma unroll
+      for (int j = 0; j < TN; j++) acc[i][j] = 0.f;
+#pragma unroll
+      for (int j = 0; j < TN / 2; j++) h[i][j] = __half2half2(hzero);
+    }
+
+    auto load = [&](int t) {
+#pragma unroll
+      for (int q = 0; q < AE; q++) {
+        const int kk = CL ? a_k : a_k + q;
+        const int mm = CL ? a_m + q * RSTEP : a_m;
+        const int2 e = ktab[t * BK + kk];
+        const int4 rw = Rows[mm];
+        const bool ok = t * BK + kk < g.K && (unsigned)(rw.z + tab_dy(e)) < (unsigned)g.H &&
+                        (unsigned)(rw.w + tab_dx(e)) < (unsigned)g.W;
+        const unsigned long long hi = static_cast<unsigned>(rw.y), lo = static_cast<unsigned>(rw.x);
+        const long long base = static_cast<long long>((hi << 32) | lo);
+        areg[q] = ok ? xg[base + e.x] : hzero;
+      }
+#pragma unroll
+      for (int q = 0; q < BE; q++) {
+        const int k = t * BK + b_k + q, o = o0 + b_o;
+        breg[q] = (k < g.K && o < g.Og) ? wg[(long long)k * g.Og + o] : hzero;
+      }
+    };
+    auto store = [&](int buf) {
+#pragma unroll
+      for (int q = 0; q < AE; q++) {
+        const int kk = CL ? a_k : a_k + q;
+        const int mm = CL ? a_m + q * RSTEP : a_m;
+        As[buf][kk][mm] = areg[q];
+      }
+#pragma unroll
+      for (int q = 0; q < BE; q++) Bs[buf][b_k + q][b_o] = breg[q];
+    };
+    auto compute = [&](int buf) {
+#pragma unroll
+      for (int kk = 0; kk < BK; kk++) {
+        // rows ty*4 + {0..3}, BM/2 + ty*4 + {0..3}; column pairs tx*4 + {0, 2} (+ BN/2)
+        const __half2* pa0 = reinterpret_cast<const __half2*>(&As[buf][kk][ty * 4]);
+        const __half2* pa1 = reinterpret_cast<const __half2*>(&As[buf][kk][BM / 2 + ty * 4]);
+        const __half2 p0 = pa0[0], p1 = pa0[1], p2 = pa1[0], p3 = pa1[1];
+        const __half2 a[8] = {bcast_lo(p0), bcast_hi(p0), bcast_lo(p1), bcast_hi(p1),
+                              bcast_lo(p2), bcast_hi(p2), bcast_lo(p3), bcast_hi(p3)};
+        __half2 b[TN / 2];
+        const __half2* pb0 = reinterpret_cast<const __half2*>(&Bs[buf][kk][tx * 4]);
+        b[0] = pb0[0];
+        b[1] = pb0[1];
+        if constexpr (TN == 8) {
+          const __half2* pb1 = reinterpret_cast<const __half2*>(&Bs[buf][kk][BN / 2 + tx * 4]);
+          b[2] = pb1[0];
+          b[3] = pb1[1];
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+#pragma unroll
+          for (int j = 0; j < TN / 2; j++) h[i][j] = __hadd2(h[i][j], __habs2(__hsub2(a[i], b[j])));
+      }
+    };
+    auto flush = [&]() {
+#pragma unroll
+      for (int i = 0; i < 8; i++)
+#pragma unroll
+        for (int j = 0; j < TN / 2; j++) {
+          const float2 f = __half22float2(h[i][j]);
+          acc[i][2 * j] += f.x;
+          acc[i][2 * j + 1] += f.y;
+          h[i][j] = __half2half2(hzero);
+        }
+    };
+
+    load(0);
+    store(0);
+    for (int t = 0; t < nT; t++) {
+      const int buf = t & 1;
+      if (t + 1 < nT) load(t + 1);  // global loads in flight during the compute
+      __syncthreads();              // stage t stored and visible
+      compute(buf);
+      if ((t + 1) % FS == 0 || t + 1 == nT) flush();
+      if (t + 1 < nT) store(buf ^ 1);  // the other buffer: its last readers passed the barrier above
+    }
+    __syncthreads();  // the next (gi, o-tile) overwrites buffer 0
+
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      const int r = m0 + (i < 4 ? ty * 4 + i : BM / 2 + ty * 4 + (i - 4));
+      if (r < g.R) {
+        const RowPos p = decode_row(g, r);
+        const long long roff = p.n * ys.n + p.oy * ys.h + p.ox * ys.w;
+#pragma unroll
+        for (int j = 0; j < TN; j++) {
+          const int o = o0 + (j < 4 ? tx * 4 + j : BN / 2 + tx * 4 + (j - 4));
+          if (o < g.Og) y[roff + (long long)(gi * g.Og + o) * ys.c] = __float2half_rn(-acc[i][j]);
         }
       }
     }
@@ -928,6 +1107,7 @@ cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w
   if (cg.N * cg.Ho * cg.Wo == 0 || cg.Og == 0 || cg.G == 0) return cudaSuccess;
   if (cg.K <= 0) return cudaErrorInvalidValue;
   if (ws_bytes < fwd_workspace_plain(cg) || ws == nullptr) return cudaErrorInvalidValue;
+  if (algo == Algo::Fp16x2 && dt != DType::Float16) return cudaErrorInvalidValue;
   const DevGeom g = make_dev_geom(cg);
   const bool cl = channels_last_order(cg);
   const int nk = (int)(ceil_div(cg.K, kKtabAlign) * kKtabAlign);
@@ -941,6 +1121,30 @@ cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const FwdKernel fk = fwd_kernel(cg, algo);
+  if (algo == Algo::Fp16x2) {  // every shape (no direct kernel); float16 weights in the float workspace
+    const __half* xp = static_cast<const __half*>(x);
+    __half* yp = static_cast<__half*>(y);
+    __half* wh = reinterpret_cast<__half*>(wt);
+    {
+      auto kern = adder_prep_wt<__half, __half>;
+      SA_LAUNCH(kern, dim3(ew_blocks(cg.G * cg.K * cg.Og)), dim3(kThreads), stream, g, static_cast<const __half*>(w),
+                (long long)wsO, (long long)wsK, cl ? 1 : 0, wh);
+    }
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    if (fk == FwdKernel::Wide) {
+      auto kern = cl ? adder_fwd_h2<true, FwdWide> : adder_fwd_h2<false, FwdWide>;
+      const dim3 grid(grid_cap(ceil_div(g.R, FwdWide::BM), kI32),
+                      grid_cap((int64_t)g.G * ceil_div(g.Og, FwdWide::BN), kMaxGridY));
+      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, xp, (const int2*)ktab, (const __half*)wh, yp, st);
+    } else {
+      auto kern = cl ? adder_fwd_h2<true, FwdNarrow> : adder_fwd_h2<false, FwdNarrow>;
+      const dim3 grid(grid_cap(ceil_div(g.R, FwdNarrow::BM), kI32),
+                      grid_cap((int64_t)g.G * ceil_div(g.Og, FwdNarrow::BN), kMaxGridY));
+      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, xp, (const int2*)ktab, (const __half*)wh, yp, st);
+    }
+    return cudaGetLastError();
+  }
   return dispatch_dtype(dt, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x);

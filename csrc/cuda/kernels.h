@@ -27,8 +27,10 @@ namespace cuda {
 
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 
-// Kernel choice (tests force one; Auto picks by shape).
-enum class Algo : int { Auto = 0, Tiled = 1, Direct = 2 };
+// Kernel choice (tests force one; Auto picks by shape).  Fp16x2 (adder_forward only, float16
+// only): the tiled forward in packed half2 arithmetic, float16 partial sums of 16 columns
+// added to float32 (error about that of float16 sums of 16 terms, not of K), for every shape.
+enum class Algo : int { Auto = 0, Tiled = 1, Direct = 2, Fp16x2 = 3 };
 
 // The conv geometry, same fields and meaning as shiftadd::Geom in csrc/shiftadd.h (kept
 // free of torch types).  A linear layer is H = W = kh = kw = 1, xsH = xsW = 0.

@@ -13,6 +13,9 @@ Linear cases also time the quantized inference path (``adder_linear_int8``: int8
 exact int32 sums; conv cases the whole ``AdderConv2dInt8`` layer on the float input), and
 4-bit and 2-bit operands through thermometer codes and an int8
 matrix product (:mod:`shiftadd.thermometer`), against the same float32 baselines.
+Where the cuda backend has the fp16x2 forward, float16 rows time it beside the float16
+forward with float32 sums (and the float16 multiplication layer), with the largest
+relative difference between the two.
 
 Columns: ms (median), G adder-MAC/s, x unfold and x cdist (their time over this row's:
 speed-ups), / mult (this row's time over the multiplication layer's), peak MB (CUDA).
@@ -191,6 +194,18 @@ def run_case(case: Case, device: torch.device, include_reference: bool = True, m
         add("grad weight (exact)", b, lambda: _ops.op(b, case.family + "_grad_weight")(g, x, w, *args, "exact"))
         t = add("train step", b, lambda: torch.autograd.grad(op(xg, wg, *args, "addernet"), (xg, wg), g))
         rows[-1]["/ mult"] = t / base["mult step"]
+    fam16 = case.family + "_fp16x2"
+    if _dispatch.why_not("cuda", fam16, device, torch.float16) is None:  # float16 forwards: float32 and fp16x2 sums
+        x16, w16 = x.half(), w.half()
+        f32, f16 = _ops.op("cuda", case.family), _ops.op("cuda", fam16)
+        add("forward float16", "mult (" + ("conv2d" if case.conv else "linear") + ") float16",
+            lambda: mult_layer(case, x16, w16))
+        t = add("forward float16", "cuda (float32 sums)", lambda: f32(x16, w16, *args, "addernet"))
+        rows[-1].update(_ratios(t, base, "mult"))
+        t = add("forward float16", "cuda fp16x2", lambda: f16(x16, w16, *args, "addernet"))
+        rows[-1].update(_ratios(t, base, "mult"))
+        a, b = f16(x16, w16, *args, "addernet").double(), f32(x16, w16, *args, "addernet").double()
+        rows[-1]["note"] = f"max rel. diff to the float32 sums {((a - b).abs() / b.abs().clamp_min(1e-30)).max():.1e}"
     if case.conv:  # the quantized inference layer: quantize, int8 im2col, exact int32 sums, dequantize
         from ..nn import AdderConv2dInt8
 
@@ -244,7 +259,7 @@ def main(argv=None) -> int:
     cases = [c for c in (QUICK if a.quick else CASES[device.type]) if a.only is None or a.only in c.name]
     if not cases:
         p.error(f"--only {a.only!r} matches no case")
-    print(f"# adder kernels, float32, {device.type}: {environment(device)}\n")
+    print(f"# adder kernels, float32 (float16 and int8 where a row says so), {device.type}: {environment(device)}\n")
     rows = []
     for case in cases:
         print(f"  running {case.name} ...", file=sys.stderr, flush=True)

@@ -42,24 +42,30 @@ def renormalize_eta_grads(model: nn.Module) -> None:
                 g.mul_(m.eta * math.sqrt(g.numel()) / norm.clamp_min(1e-12))
 
 
+def _accumulate_repr(accumulate: str) -> str:
+    return "" if accumulate == "fp32" else f", accumulate={accumulate}"
+
+
 class AdderConv2d(ConvArgs, nn.Module):
     """Adder 2-D convolution.
 
     Args as :class:`torch.nn.Conv2d` (bias defaults to False, as AdderNet), plus
     ``eta`` (adaptive gradient scale, 0.2 as AdderNet; None turns it off) and
     ``grad_mode`` ("addernet": full-precision weight grad and HardTanh input grad;
-    "exact": sign).  Everything after ``bias`` is keyword-only (nn.Conv2d's positional
-    padding_mode would otherwise land on eta).  Input (N, C, H, W) or (C, H, W); output
-    (N, O, Ho, Wo).
+    "exact": sign) and ``accumulate`` ("fp32", or "fp16x2": float16 inputs may be summed
+    in half2 arithmetic, see :func:`shiftadd.functional.adder_linear`).  Everything after
+    ``bias`` is keyword-only (nn.Conv2d's positional padding_mode would otherwise land on
+    eta).  Input (N, C, H, W) or (C, H, W); output (N, O, Ho, Wo).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, *, eta: Optional[float] = 0.2, grad_mode: str = "addernet",
-                 padding_mode: str = "zeros", device=None, dtype=None):
+                 padding_mode: str = "zeros", accumulate: str = "fp32", device=None, dtype=None):
         super().__init__()
         self._init_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         SF._check_grad_mode(grad_mode)
-        self.eta, self.grad_mode = _check_eta(eta), grad_mode
+        SF._check_accumulate(accumulate)
+        self.eta, self.grad_mode, self.accumulate = _check_eta(eta), grad_mode, accumulate
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
@@ -79,23 +85,27 @@ class AdderConv2d(ConvArgs, nn.Module):
         w = SF.adaptive_grad_scale(self.weight, self.eta)
         if self.quant is not None:
             x, w = fake_quantize(x, *self.quant), fake_quantize(w, *self.quant)
-        return SF.adder_conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups, self.grad_mode)
+        return SF.adder_conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups, self.grad_mode,
+                               self.accumulate)
 
     def extra_repr(self) -> str:
-        return (self._conv_repr() + f", bias={self.bias is not None}, eta={self.eta}, grad_mode={self.grad_mode}")
+        return (self._conv_repr() + f", bias={self.bias is not None}, eta={self.eta}, grad_mode={self.grad_mode}"
+                + _accumulate_repr(self.accumulate))
 
 
 class AdderLinear(nn.Module):
     """Adder linear layer: ``y[..., o] = -sum_k |x[..., k] - w[o, k]| (+ bias)``.
 
-    Args as :class:`torch.nn.Linear` (bias defaults to False), plus ``eta`` and
-    ``grad_mode`` as :class:`AdderConv2d`.  Input (*, in_features); output (*, out_features).
+    Args as :class:`torch.nn.Linear` (bias defaults to False), plus ``eta``, ``grad_mode``
+    and ``accumulate`` as :class:`AdderConv2d`.  Input (*, in_features); output (*, out_features).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, eta: Optional[float] = 0.2,
-                 grad_mode: str = "addernet", device=None, dtype=None):
+                 grad_mode: str = "addernet", accumulate: str = "fp32", device=None, dtype=None):
         super().__init__()
         SF._check_grad_mode(grad_mode)
+        SF._check_accumulate(accumulate)
+        self.accumulate = accumulate
         self.in_features, self.out_features = in_features, out_features
         self.eta, self.grad_mode = _check_eta(eta), grad_mode
         factory = {"device": device, "dtype": dtype}
@@ -114,11 +124,11 @@ class AdderLinear(nn.Module):
         w = SF.adaptive_grad_scale(self.weight, self.eta)
         if self.quant is not None:
             x, w = fake_quantize(x, *self.quant), fake_quantize(w, *self.quant)
-        return SF.adder_linear(x, w, self.bias, self.grad_mode)
+        return SF.adder_linear(x, w, self.bias, self.grad_mode, self.accumulate)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"eta={self.eta}, grad_mode={self.grad_mode}")
+                f"eta={self.eta}, grad_mode={self.grad_mode}" + _accumulate_repr(self.accumulate))
 
 
 class _Int8State:

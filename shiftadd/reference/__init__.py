@@ -7,9 +7,11 @@ every backend against them.
 
 from .adder import (
     adder_conv2d,
+    adder_conv2d_fp16x2,
     adder_conv2d_grad_input,
     adder_conv2d_grad_weight,
     adder_linear,
+    adder_linear_fp16x2,
     adder_linear_grad_input,
     adder_linear_grad_weight,
     adder_linear_int8,
@@ -27,6 +29,7 @@ from .shift import (
 __all__ = [
     "adder_linear", "adder_linear_grad_input", "adder_linear_grad_weight",
     "adder_conv2d", "adder_conv2d_grad_input", "adder_conv2d_grad_weight", "adder_linear_int8",
+    "adder_linear_fp16x2", "adder_conv2d_fp16x2",
     "quantize_pot_q", "quantize_pot_ps", "round_to_fixed", "shift_range",
     "shift_linear_packed", "shift_linear_int", "decode_pot",
 ]

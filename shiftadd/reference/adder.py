@@ -127,6 +127,71 @@ def adder_linear_grad_weight(grad_out, x, weight, grad_mode: str = "addernet"):
     return l1_grad_b(grad_out.to(acc), x.to(acc), weight.to(acc), grad_mode).to(weight.dtype)
 
 
+# --------------------------------------------------------------------------------------
+# fp16x2 forward: the float16 arithmetic of the CUDA kernel adder_fwd_h2, bit for bit
+# --------------------------------------------------------------------------------------
+
+# columns per float16 partial sum (kH2Flush in csrc/cuda/adder_kernels.cu)
+FP16X2_CHUNK = 16
+
+
+def _check_fp16(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dtype != torch.float16 or weight.dtype != torch.float16:
+        raise TypeError(f"{name}: x and weight must be float16 (fp16x2 arithmetic), got {x.dtype} and {weight.dtype}")
+
+
+def l1_forward_fp16x2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (R, K), b (O, K) float16 -> (R, O) float16, ``-sum_k |a[r, k] - b[o, k]|`` summed as
+    the fp16x2 kernel sums it: in chunks of FP16X2_CHUNK columns from k = 0, each a float16
+    sum ``h = h + |a - b|`` in column order from +0 (every step rounded to float16), the
+    chunks added in order to a float32 sum, the output float16(-sum).  One (R, O) step
+    per column: meant for tests, not for speed."""
+    R, K = a.shape
+    O = b.shape[0]
+    acc = torch.zeros((R, O), dtype=torch.float32, device=a.device)
+    for c0 in range(0, K, FP16X2_CHUNK):
+        h = torch.zeros((R, O), dtype=torch.float16, device=a.device)
+        for k in range(c0, min(c0 + FP16X2_CHUNK, K)):
+            h = h + (a[:, k, None] - b[None, :, k]).abs()
+        acc += h.float()
+    return acc.neg_().to(torch.float16)
+
+
+def adder_linear_fp16x2(x: torch.Tensor, weight: torch.Tensor, grad_mode: str = "addernet") -> torch.Tensor:
+    """x (N, K), weight (O, K) float16 -> (N, O) float16 in fp16x2 arithmetic
+    (:func:`l1_forward_fp16x2`); gradients are those of :func:`adder_linear`."""
+    _check_mode(grad_mode)
+    _check_fp16("adder_linear_fp16x2", x, weight)
+    return l1_forward_fp16x2(x, weight)
+
+
+def adder_conv2d_fp16x2(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, grad_mode="addernet"):
+    """x (N, C, H, W), weight (O, C/groups, kh, kw) float16 -> (N, O, Ho, Wo) float16 in
+    fp16x2 arithmetic, with the kernel's column order: (c, i, j), or (i, j, c) when x's
+    channel stride is 1 and C > 1 (channels-last)."""
+    _check_mode(grad_mode)
+    _check_fp16("adder_conv2d_fp16x2", x, weight)
+    N, C, H, W = x.shape
+    O, Cg, kh, kw = weight.shape
+    Og, Kg = O // groups, Cg * kh * kw
+    Ho, Wo = conv_output_size(H, W, (kh, kw), stride, padding, dilation)
+    L = Ho * Wo
+    out = torch.zeros((N, O, Ho, Wo), dtype=torch.float16, device=x.device)
+    if N * L == 0 or Og == 0:
+        return out.contiguous(memory_format=conv_memory_format(x))
+    # float16 unfold copies values (and zeros for padding) exactly
+    u = F.unfold(x, (kh, kw), dilation, padding, stride).view(N, groups, Kg, L)
+    cols = u.permute(1, 0, 3, 2).reshape(groups, N * L, Kg)
+    w = weight.reshape(groups, Og, Kg)
+    if x.stride(1) == 1 and C > 1:  # channels-last column order (i, j, c)
+        cols = cols.view(groups, N * L, Cg, kh * kw).transpose(2, 3).reshape(groups, N * L, Kg)
+        w = w.view(groups, Og, Cg, kh * kw).transpose(2, 3).reshape(groups, Og, Kg)
+    for gi in range(groups):
+        y = l1_forward_fp16x2(cols[gi], w[gi])
+        out[:, gi * Og:(gi + 1) * Og] = y.view(N, Ho, Wo, Og).permute(0, 3, 1, 2)
+    return out.contiguous(memory_format=conv_memory_format(x))
+
+
 # |x - w| <= 255 for int8, so the int32 sum is exact up to this K (csrc/shiftadd.h kAdderInt8MaxK)
 ADDER_INT8_MAX_K = (2 ** 31 - 1) // 255
 
