@@ -5,7 +5,8 @@
 # step; each step has its own time limit so one slow step cannot swallow the others.
 #   STEPS="build info tests sanitizer adder shift nas"  (default: all, in this order;
 #          also "crash": the backtrace of the open quantizer bad-argument crash, and
-#          "ncu": Nsight Compute's basic set for the adder kernels of two benchmark shapes)
+#          "ncu": Nsight Compute's basic set for the adder forward kernels of two benchmark shapes
+#          and the fp16x2 forward)
 #   TEST_ARGS="..."  extra pytest arguments for the tests step
 # Uses the python on PATH (no virtual environment: the GPU image's torch is used as is).
 set -uo pipefail
@@ -36,8 +37,8 @@ for s in $STEPS; do
     tests) step tests "${TEST_LIMIT:-300}" "$PY" -m pytest -v -m gpu -p no:cacheprovider -n "${XDIST:-8}" \
              --timeout 120 -rfE ${TEST_ARGS:-} tests ;;
     sanitizer) step sanitizer "${SAN_LIMIT:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-                 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py \
-                 -k "odd_shapes_float32 or every_parameter_combination or empty or beyond_65535 or quantizers" ;;
+                 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_adder_fp16x2.py \
+                 -k "odd_shapes_float32 or every_parameter_combination or empty or beyond_65535 or quantizers or test_cuda_" ;;
     adder) step adder "${ADDER_LIMIT:-240}" "$PY" benchmarks/bench_adder.py --device cuda --json "$LOGS/bench_adder.json" ;;
     # the layer rows go through `auto`, which skips kernels in GPU_NOT_YET_RUN (the quantizers
     # after their out_dtype rewrite): force the cuda backend so those rows time its kernels
@@ -46,15 +47,17 @@ for s in $STEPS; do
     crash) step crash 120 bash -c "readelf -x .eh_frame_hdr shiftadd/_C*.so | sed -n 3p; \
              TORCH_SHOW_CPP_STACKTRACES=1 $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'; \
              cuda-gdb -batch -ex run -ex bt --args $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'" ;;
-    ncu) step ncu 240 ncu --set basic --clock-control none -k regex:"adder|packed" --launch-skip 2 --launch-count 6 \
+    ncu) step ncu 240 ncu --set basic --clock-control none -k regex:"adder_fwd" --launch-skip 3 --launch-count 3 \
            "$PY" -c "
 import torch, shiftadd
 from shiftadd import _ops
 x = torch.randn(128, 16, 32, 32, device='cuda'); w = torch.randn(16, 16, 3, 3, device='cuda')
 xl = torch.randn(4096, 1024, device='cuda'); wl = torch.randn(4096, 1024, device='cuda')
+xh, wh = xl.half(), wl.half()
 for _ in range(2):
     _ops.op('cuda', 'adder_conv2d')(x, w, [1, 1], [1, 1], [1, 1], 1, 'addernet')
     _ops.op('cuda', 'adder_linear')(xl, wl, 'addernet')
+    _ops.op('cuda', 'adder_linear_fp16x2')(xh, wh, 'addernet')
 torch.cuda.synchronize()" ;;
     *) echo "unknown step $s" ;;
   esac
