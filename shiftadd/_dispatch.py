@@ -286,7 +286,7 @@ def adder_forward_op(family: str, x: torch.Tensor, accumulate: str = "fp32"):
 def fp16x2_backend(family: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """The backend that runs `family` with accumulate="fp16x2" in fp16x2 arithmetic, or None
     where the float32-accumulating op runs instead (:func:`adder_forward_op`)."""
-    if dtype != torch.float16:
+    if dtype != torch.float16 or _forced not in BACKENDS + ("auto",):  # get_op names a bad forced name
         return None
     fam = family + "_fp16x2"
     name = "cuda" if _forced == "auto" else _forced

@@ -178,8 +178,19 @@ def _fake_adder_conv2d(x, weight, stride, padding, dilation, groups, grad_mode):
     return x.new_empty(shape).contiguous(memory_format=conv_memory_format(x))
 
 
-_fake_adder_linear_fp16x2 = _fake_adder_linear
-_fake_adder_conv2d_fp16x2 = _fake_adder_conv2d
+def _check_fp16x2(name, x):
+    torch._check(x.dtype == torch.float16,
+                 lambda: f"{name}: x and weight must be float16 (fp16x2 arithmetic), got {x.dtype}")
+
+
+def _fake_adder_linear_fp16x2(x, weight, grad_mode):
+    _check_fp16x2("adder_linear_fp16x2", x)
+    return _fake_adder_linear(x, weight, grad_mode)
+
+
+def _fake_adder_conv2d_fp16x2(x, weight, stride, padding, dilation, groups, grad_mode):
+    _check_fp16x2("adder_conv2d_fp16x2", x)
+    return _fake_adder_conv2d(x, weight, stride, padding, dilation, groups, grad_mode)
 
 
 def _fake_adder_conv2d_grad_input(grad_out, x, weight, stride, padding, dilation, groups, grad_mode):

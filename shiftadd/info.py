@@ -42,9 +42,12 @@ def report() -> str:
             if family in _ops.FP16X2_SCHEMAS:  # reached through accumulate="fp16x2", float16 only
                 base = family.removesuffix("_fp16x2")
                 name = _dispatch.fp16x2_backend(base, torch.device(dev), torch.float16)
-                lines.append(f"  {family:<{width}}  accumulate='fp16x2' on float16 -> "
-                             + (name or f"{_dispatch.select_on(base, torch.device(dev), torch.float16)} "
-                                        f"{base} (float32 sums)"))
+                if name is None:
+                    try:
+                        name = f"{_dispatch.select_on(base, torch.device(dev), torch.float16)} {base} (float32 sums)"
+                    except _dispatch.BackendUnavailable as e:
+                        name = f"none ({e})"
+                lines.append(f"  {family:<{width}}  accumulate='fp16x2' on float16 -> {name}")
                 continue
             e = _dispatch.explain(dev, family)
             lines.append(f"  {family:<{width}}  auto -> {e['auto']}")

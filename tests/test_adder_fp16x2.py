@@ -108,10 +108,18 @@ def test_reference_channels_last_sums_in_tap_major_order():
     assert torch.equal(got.contiguous(), want.contiguous())
 
 
-def test_refuses_other_dtypes():
+def test_refuses_other_dtypes_and_handles_empty_sums():
     x, w = torch.randn(2, 5), torch.randn(3, 5)
     with pytest.raises(TypeError, match="must be float16"):
         op("reference", LIN)(x, w, "addernet")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), pytest.raises(RuntimeError, match="must be float16"):  # the fake kernel
+        op("reference", LIN)(torch.empty(2, 5), torch.empty(3, 5), "addernet")
+    y = op("reference", LIN)(halves(4, 0), halves(3, 0), "addernet")
+    assert torch.equal(y, torch.zeros(4, 3, dtype=torch.float16)) and not y.signbit().any()
+    y = op("reference", CONV)(halves(2, 0, 4, 4), halves(3, 0, 3, 3), [1, 1], [1, 1], [1, 1], 1, "addernet")
+    assert y.shape == (2, 3, 4, 4) and not y.any() and not y.signbit().any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -149,10 +157,14 @@ def test_modules_and_autocast():
     conv = snn.AdderConv2d(4, 16, 3, padding=1, accumulate="fp16x2")
     assert "accumulate=fp16x2" in repr(lin) and "accumulate" not in repr(snn.AdderLinear(16, 24))
     x = torch.randn(3, 16)
-    with shiftadd.use_backend("reference"):
-        y = lin.half()(x.half())
-        torch.testing.assert_close(y.double(), lin.double()(x.double()), rtol=BOUND, atol=0)
-        conv.half()(torch.randn(2, 4, 5, 5).half()).sum().backward()
+    xc = torch.randn(2, 4, 5, 5).half()
+    with shiftadd.use_backend("reference"):  # the modules pass accumulate on: the fp16x2 sums, bit for bit
+        lin.half()
+        assert torch.equal(lin(x.half()), op("reference", LIN)(x.half(), lin.weight.detach(), "addernet"))
+        conv.half()
+        y = conv(xc)
+        assert torch.equal(y, op("reference", CONV)(xc, conv.weight.detach(), [1, 1], [1, 1], [1, 1], 1, "addernet"))
+        y.sum().backward()
         assert conv.weight.grad is not None and conv.weight.grad.dtype == torch.float16
     lin.float()
     # autocast: fp16x2 layers compute in float16 under float16 autocast, others in float32
@@ -197,11 +209,11 @@ LINEAR_CASES = [(1, 1, 9), (3, 127, 40), (5, 33, 300), (70, 100, 65), (40, 300, 
 @pytest.mark.parametrize("n,k,o", LINEAR_CASES)
 def test_cuda_linear_bit_exact(n, k, o, strided):
     torch.manual_seed(n * 1000 + k)
-    x = halves(n, 2 * k if strided else k, scale=2)
-    x = x[:, ::2] if strided else x
-    w = halves(o, k, scale=2)
-    got = op("cuda", LIN)(x.cuda(), w.cuda(), "addernet")
-    assert torch.equal(got.cpu(), op("reference", LIN)(x, w, "addernet"))
+    x = halves(n, 2 * k if strided else k, scale=2, device="cuda")
+    x = x[:, ::2] if strided else x  # the view on the GPU: the kernel reads the strides
+    w = halves(o, k, scale=2, device="cuda")
+    got = op("cuda", LIN)(x, w, "addernet")
+    assert torch.equal(got.cpu(), op("reference", LIN)(x.cpu(), w.cpu(), "addernet"))
 
 
 CONV_CASES = [(2, 3, 7, 9, 16, 3, 1, 1, 1, 1), (1, 16, 8, 8, 32, 3, 2, 1, 1, 1), (2, 8, 6, 5, 48, 3, 1, 2, 2, 2),

@@ -14,8 +14,9 @@ exact int32 sums; conv cases the whole ``AdderConv2dInt8`` layer on the float in
 4-bit and 2-bit operands through thermometer codes and an int8
 matrix product (:mod:`shiftadd.thermometer`), against the same float32 baselines.
 Where the cuda backend has the fp16x2 forward, float16 rows time it beside the float16
-forward with float32 sums (and the float16 multiplication layer), with the largest
-relative difference between the two.
+forward with float32 sums, with the largest relative difference between the two; their
+"/ mult" is against the float16 multiplication layer (cuBLAS / cuDNN tensor cores), their
+"x unfold" and "x cdist" against the float32 baselines.
 
 Columns: ms (median), G adder-MAC/s, x unfold and x cdist (their time over this row's:
 speed-ups), / mult (this row's time over the multiplication layer's), peak MB (CUDA).
@@ -198,12 +199,12 @@ def run_case(case: Case, device: torch.device, include_reference: bool = True, m
     if _dispatch.why_not("cuda", fam16, device, torch.float16) is None:  # float16 forwards: float32 and fp16x2 sums
         x16, w16 = x.half(), w.half()
         f32, f16 = _ops.op("cuda", case.family), _ops.op("cuda", fam16)
-        add("forward float16", "mult (" + ("conv2d" if case.conv else "linear") + ") float16",
-            lambda: mult_layer(case, x16, w16))
+        base["mult16"] = add("forward float16", "mult (" + ("conv2d" if case.conv else "linear") + ") float16",
+                             lambda: mult_layer(case, x16, w16))
         t = add("forward float16", "cuda (float32 sums)", lambda: f32(x16, w16, *args, "addernet"))
-        rows[-1].update(_ratios(t, base, "mult"))
+        rows[-1].update(_ratios(t, base, "mult16"))
         t = add("forward float16", "cuda fp16x2", lambda: f16(x16, w16, *args, "addernet"))
-        rows[-1].update(_ratios(t, base, "mult"))
+        rows[-1].update(_ratios(t, base, "mult16"))
         a, b = f16(x16, w16, *args, "addernet").double(), f32(x16, w16, *args, "addernet").double()
         rows[-1]["note"] = f"max rel. diff to the float32 sums {((a - b).abs() / b.abs().clamp_min(1e-30)).max():.1e}"
     if case.conv:  # the quantized inference layer: quantize, int8 im2col, exact int32 sums, dequantize

@@ -148,6 +148,8 @@ def l1_forward_fp16x2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     per column: meant for tests, not for speed."""
     R, K = a.shape
     O = b.shape[0]
+    if K == 0:  # an empty sum: +0, as the op writes it
+        return torch.zeros((R, O), dtype=torch.float16, device=a.device)
     acc = torch.zeros((R, O), dtype=torch.float32, device=a.device)
     for c0 in range(0, K, FP16X2_CHUNK):
         h = torch.zeros((R, O), dtype=torch.float16, device=a.device)
@@ -177,7 +179,7 @@ def adder_conv2d_fp16x2(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1
     Ho, Wo = conv_output_size(H, W, (kh, kw), stride, padding, dilation)
     L = Ho * Wo
     out = torch.zeros((N, O, Ho, Wo), dtype=torch.float16, device=x.device)
-    if N * L == 0 or Og == 0:
+    if N * L == 0 or Og == 0 or Kg == 0:  # Kg = 0: empty sums (+0; F.unfold refuses C = 0)
         return out.contiguous(memory_format=conv_memory_format(x))
     # float16 unfold copies values (and zeros for padding) exactly
     u = F.unfold(x, (kh, kw), dilation, padding, stride).view(N, groups, Kg, L)
