@@ -290,6 +290,59 @@ struct TileCfg {
 using FwdWide = TileCfg<128, 128, 8>;   // Og > 32
 using FwdNarrow = TileCfg<256, 32, 4>;  // 8 < Og <= 32
 
+// Shared by the two tiled forwards (adder_fwd_tiled, adder_fwd_h2).
+// Rows[m] for the BM rows from m0: offset of the row's tap (0, 0) in x (split in two ints;
+// it may lie outside the image) and that tap's input coordinates (kFar past the last row).
+template <int BM>
+__device__ __forceinline__ void decode_tile_rows(const DevGeom& g, int m0, int4* Rows) {
+  for (int m = threadIdx.x; m < BM; m += kThreads) {
+    const int r = m0 + m;
+    int4 e = make_int4(0, 0, kFar, kFar);
+    if (r < g.R) {
+      const RowPos p = decode_row(g, r);
+      e.z = p.oy * g.sh - g.ph;
+      e.w = p.ox * g.sw - g.pw;
+      const long long base = p.n * g.xsN + e.z * g.xsH + e.w * g.xsW;
+      e.x = static_cast<int>(static_cast<unsigned long long>(base) & 0xffffffffULL);
+      e.y = static_cast<int>(base >> 32);
+    }
+    Rows[m] = e;
+  }
+}
+
+// Element (row mm, column t*BK + kk) of the implicit im2col matrix of one group: whether
+// it lies inside the image (false on padding and past column K), and its offset in x.
+__device__ __forceinline__ bool a_element(const DevGeom& g, const int2* __restrict__ ktab, const int4* Rows, int t,
+                                          int kk, int mm, long long* off) {
+  const int2 e = ktab[t * kBK + kk];
+  const int4 rw = Rows[mm];
+  const bool ok = t * kBK + kk < g.K && (unsigned)(rw.z + tab_dy(e)) < (unsigned)g.H &&
+                  (unsigned)(rw.w + tab_dx(e)) < (unsigned)g.W;
+  const unsigned long long hi = static_cast<unsigned>(rw.y), lo = static_cast<unsigned>(rw.x);
+  *off = static_cast<long long>((hi << 32) | lo) + e.x;
+  return ok;
+}
+
+// Writes a thread's 8 x TN outputs -acc (rows ty*4 + {0..3}, BM/2 + ty*4 + {0..3}; columns
+// tx*4 + {0..3}, BN/2 + tx*4 + {0..3}) of group gi, skipping those past R and Og.
+template <class Cfg, typename T>
+__device__ __forceinline__ void store_tile(const DevGeom& g, T* __restrict__ y, const Strides4& ys, int m0, int o0,
+                                           int gi, int ty, int tx, const float (&acc)[8][Cfg::TN]) {
+#pragma unroll
+  for (int i = 0; i < 8; i++) {
+    const int r = m0 + (i < 4 ? ty * 4 + i : Cfg::BM / 2 + ty * 4 + (i - 4));
+    if (r < g.R) {
+      const RowPos p = decode_row(g, r);
+      const long long roff = p.n * ys.n + p.oy * ys.h + p.ox * ys.w;
+#pragma unroll
+      for (int j = 0; j < Cfg::TN; j++) {
+        const int o = o0 + (j < 4 ? tx * 4 + j : Cfg::BN / 2 + tx * 4 + (j - 4));
+        if (o < g.Og) y[roff + (long long)(gi * g.Og + o) * ys.c] = from_f<T>(-acc[i][j]);
+      }
+    }
+  }
+}
+
 // Y tile [m0, m0 + BM) x [o0, o0 + BN) of group gi for every (gi, o-tile) assigned to
 // this block.  CL selects the global->shared mapping: threads along rows (NCHW x, k
 // order (c, i, j)) or along columns (channels-last x, k order (i, j, c)).
@@ -322,19 +375,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   __shared__ int4 Rows[BM];
   const int a_m = CL ? tid / BK : tid % BM;
   const int a_k = CL ? tid % BK : (tid / BM) * AE;
-  for (int m = tid; m < BM; m += kThreads) {
-    const int r = m0 + m;
-    int4 e = make_int4(0, 0, kFar, kFar);
-    if (r < g.R) {
-      const RowPos p = decode_row(g, r);
-      e.z = p.oy * g.sh - g.ph;
-      e.w = p.ox * g.sw - g.pw;
-      const long long base = p.n * g.xsN + e.z * g.xsH + e.w * g.xsW;
-      e.x = static_cast<int>(static_cast<unsigned long long>(base) & 0xffffffffULL);
-      e.y = static_cast<int>(base >> 32);
-    }
-    Rows[m] = e;
-  }
+  decode_tile_rows<BM>(g, m0, Rows);
   __syncthreads();
   // B loader: element q is (column b_k + q, output b_o)
   const int b_o = tid % BN, b_k = (tid / BN) * BE;
@@ -358,13 +399,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int q = 0; q < AE; q++) {
         const int kk = CL ? a_k : a_k + q;
         const int mm = CL ? a_m + q * RSTEP : a_m;
-        const int2 e = ktab[t * BK + kk];
-        const int4 rw = Rows[mm];
-        const bool ok = t * BK + kk < g.K && (unsigned)(rw.z + tab_dy(e)) < (unsigned)g.H &&
-                        (unsigned)(rw.w + tab_dx(e)) < (unsigned)g.W;
-        const unsigned long long hi = static_cast<unsigned>(rw.y), lo = static_cast<unsigned>(rw.x);
-        const long long base = static_cast<long long>((hi << 32) | lo);
-        const T* src = ok ? xg + (base + e.x) : xg;
+        long long off;
+        const bool ok = a_element(g, ktab, Rows, t, kk, mm, &off);
+        const T* src = ok ? xg + off : xg;
         if constexpr (kAsync) {
           cp_async_f32(&As[buf][kk][mm], reinterpret_cast<const float*>(src), ok);
         } else {
@@ -423,19 +460,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       __syncthreads();  // stage t consumed: its buffer may be refilled
     }
 
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-      const int r = m0 + (i < 4 ? ty * 4 + i : BM / 2 + ty * 4 + (i - 4));
-      if (r < g.R) {
-        const RowPos p = decode_row(g, r);
-        const long long roff = p.n * ys.n + p.oy * ys.h + p.ox * ys.w;
-#pragma unroll
-        for (int j = 0; j < TN; j++) {
-          const int o = o0 + (j < 4 ? tx * 4 + j : BN / 2 + tx * 4 + (j - 4));
-          if (o < g.Og) y[roff + (long long)(gi * g.Og + o) * ys.c] = from_f<T>(-acc[i][j]);
-        }
-      }
-    }
+    store_tile<Cfg>(g, y, ys, m0, o0, gi, ty, tx, acc);
   }
 }
 
@@ -480,22 +505,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int nOt = (g.Og + BN - 1) / BN;
   const __half hzero = __float2half_rn(0.f);
 
-  __shared__ int4 Rows[BM];  // as in adder_fwd_tiled
+  __shared__ int4 Rows[BM];
   const int a_m = CL ? tid / BK : tid % BM;
   const int a_k = CL ? tid % BK : (tid / BM) * AE;
-  for (int m = tid; m < BM; m += kThreads) {
-    const int r = m0 + m;
-    int4 e = make_int4(0, 0, kFar, kFar);
-    if (r < g.R) {
-      const RowPos p = decode_row(g, r);
-      e.z = p.oy * g.sh - g.ph;
-      e.w = p.ox * g.sw - g.pw;
-      const long long base = p.n * g.xsN + e.z * g.xsH + e.w * g.xsW;
-      e.x = static_cast<int>(static_cast<unsigned long long>(base) & 0xffffffffULL);
-      e.y = static_cast<int>(base >> 32);
-    }
-    Rows[m] = e;
-  }
+  decode_tile_rows<BM>(g, m0, Rows);
   __syncthreads();
   const int b_o = tid % BN, b_k = (tid / BN) * BE;
   const int tx = tid % TX, ty = tid / TX;
@@ -521,13 +534,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int q = 0; q < AE; q++) {
         const int kk = CL ? a_k : a_k + q;
         const int mm = CL ? a_m + q * RSTEP : a_m;
-        const int2 e = ktab[t * BK + kk];
-        const int4 rw = Rows[mm];
-        const bool ok = t * BK + kk < g.K && (unsigned)(rw.z + tab_dy(e)) < (unsigned)g.H &&
-                        (unsigned)(rw.w + tab_dx(e)) < (unsigned)g.W;
-        const unsigned long long hi = static_cast<unsigned>(rw.y), lo = static_cast<unsigned>(rw.x);
-        const long long base = static_cast<long long>((hi << 32) | lo);
-        areg[q] = ok ? xg[base + e.x] : hzero;
+        long long off;
+        areg[q] = a_element(g, ktab, Rows, t, kk, mm, &off) ? xg[off] : hzero;
       }
 #pragma unroll
       for (int q = 0; q < BE; q++) {
@@ -593,19 +601,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // the next (gi, o-tile) overwrites buffer 0
 
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-      const int r = m0 + (i < 4 ? ty * 4 + i : BM / 2 + ty * 4 + (i - 4));
-      if (r < g.R) {
-        const RowPos p = decode_row(g, r);
-        const long long roff = p.n * ys.n + p.oy * ys.h + p.ox * ys.w;
-#pragma unroll
-        for (int j = 0; j < TN; j++) {
-          const int o = o0 + (j < 4 ? tx * 4 + j : BN / 2 + tx * 4 + (j - 4));
-          if (o < g.Og) y[roff + (long long)(gi * g.Og + o) * ys.c] = __float2half_rn(-acc[i][j]);
-        }
-      }
-    }
+    store_tile<Cfg>(g, y, ys, m0, o0, gi, ty, tx, acc);
   }
 }
 
