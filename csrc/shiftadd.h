@@ -151,6 +151,15 @@ inline Geom make_conv_geom(const char* op, const at::Tensor& x, const at::Tensor
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be non-negative, got ", padding);
   TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": dilation must be positive, got ", dilation);
+  // below 2^31 each, so that the extents below cannot overflow int64
+  const int64_t lim = (int64_t(1) << 31) - 1;
+  TORCH_CHECK(stride[0] <= lim && stride[1] <= lim && padding[0] <= lim && padding[1] <= lim && dilation[0] <= lim &&
+                  dilation[1] <= lim,
+              op, ": stride, padding and dilation must be below 2^31, got ", stride, ", ", padding, ", ", dilation);
+  TORCH_CHECK(w.size(2) > 0 && w.size(3) > 0, op, ": weight's kernel size must be positive, got ", w.size(2), "x",
+              w.size(3));
+  TORCH_CHECK(x.size(2) <= lim && x.size(3) <= lim && w.size(2) <= lim && w.size(3) <= lim, op,
+              ": input and kernel height and width must be below 2^31");
   Geom g;
   g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
   g.xsN = x.stride(0); g.xsC = x.stride(1); g.xsH = x.stride(2); g.xsW = x.stride(3);

@@ -146,6 +146,8 @@ def _conv_shape(name, x, weight, stride, padding, dilation, groups):
     _check_pair(name, x, weight)
     torch._check(x.dim() == 4, lambda: f"{name}: x must be 4-D (N, C, H, W), got {x.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"{name}: weight must be 4-D, got {weight.dim()}-D")
+    torch._check(weight.shape[2] > 0 and weight.shape[3] > 0,
+                 lambda: f"{name}: weight's kernel size must be positive, got {tuple(weight.shape[2:])}")
     torch._check(groups > 0 and x.shape[1] == weight.shape[1] * groups and weight.shape[0] % groups == 0,
                  lambda: f"{name}: channels do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, groups {groups}")
     ho, wo = conv_output_size(x.shape[2], x.shape[3], weight.shape[2:], stride, padding, dilation)
@@ -163,13 +165,22 @@ def _fake_adder_linear(x, weight, grad_mode):
     return x.new_empty((n, o))
 
 
+def _check_grad_out(name, grad_out, x, shape):
+    torch._check(grad_out.device == x.device, lambda: f"{name}: grad_out is on {grad_out.device} but x is on {x.device}")
+    torch._check(grad_out.dtype == x.dtype, lambda: f"{name}: grad_out dtype {grad_out.dtype} does not match x dtype {x.dtype}")
+    torch._check(tuple(grad_out.shape) == tuple(shape),
+                 lambda: f"{name}: grad_out must have shape {tuple(shape)}, got {tuple(grad_out.shape)}")
+
+
 def _fake_adder_linear_grad_input(grad_out, x, weight, grad_mode):
-    _linear_shape("adder_linear_grad_input", x, weight)
+    n, o = _linear_shape("adder_linear_grad_input", x, weight)
+    _check_grad_out("adder_linear_grad_input", grad_out, x, (n, o))
     return x.new_empty(x.shape)
 
 
 def _fake_adder_linear_grad_weight(grad_out, x, weight, grad_mode):
-    _linear_shape("adder_linear_grad_weight", x, weight)
+    n, o = _linear_shape("adder_linear_grad_weight", x, weight)
+    _check_grad_out("adder_linear_grad_weight", grad_out, x, (n, o))
     return weight.new_empty(weight.shape)
 
 
@@ -194,12 +205,14 @@ def _fake_adder_conv2d_fp16x2(x, weight, stride, padding, dilation, groups, grad
 
 
 def _fake_adder_conv2d_grad_input(grad_out, x, weight, stride, padding, dilation, groups, grad_mode):
-    _conv_shape("adder_conv2d_grad_input", x, weight, stride, padding, dilation, groups)
+    shape = _conv_shape("adder_conv2d_grad_input", x, weight, stride, padding, dilation, groups)
+    _check_grad_out("adder_conv2d_grad_input", grad_out, x, shape)
     return x.new_empty(x.shape).contiguous(memory_format=conv_memory_format(x))
 
 
 def _fake_adder_conv2d_grad_weight(grad_out, x, weight, stride, padding, dilation, groups, grad_mode):
-    _conv_shape("adder_conv2d_grad_weight", x, weight, stride, padding, dilation, groups)
+    shape = _conv_shape("adder_conv2d_grad_weight", x, weight, stride, padding, dilation, groups)
+    _check_grad_out("adder_conv2d_grad_weight", grad_out, x, shape)
     return weight.new_empty(weight.shape)
 
 
@@ -210,12 +223,23 @@ def _check_out_dtype(name: str, out_dtype) -> None:
                  lambda: f"{name}: out_dtype must be float32, float64, float16, bfloat16 or None, got {out_dtype}")
 
 
+def _check_same_place(name, ref, ref_name, t, t_name):
+    if t is None:
+        return
+    torch._check(t.device == ref.device, lambda: f"{name}: {t_name} is on {t.device}, {ref_name} on {ref.device}")
+    torch._check(t.shape == ref.shape,
+                 lambda: f"{name}: {t_name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+
+
 def _fake_quantize_pot_q(weight, weight_bits, noise, out_dtype=None):
+    _check_same_place("quantize_pot_q", weight, "weight", noise, "noise")
     _check_out_dtype("quantize_pot_q", out_dtype)
     return torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=weight.device)
 
 
 def _fake_quantize_pot_ps(shift, sign, weight_bits, noise, out_dtype=None):
+    _check_same_place("quantize_pot_ps", shift, "shift", sign, "sign")
+    _check_same_place("quantize_pot_ps", shift, "shift", noise, "noise")
     _check_out_dtype("quantize_pot_ps", out_dtype)
     return torch.empty(shift.shape, dtype=out_dtype or shift.dtype, device=shift.device)
 

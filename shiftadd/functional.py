@@ -24,6 +24,7 @@ away in a 16-bit output (measured: 2.6-3.5 % error after BN in bfloat16).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -64,11 +65,18 @@ def _check_grad_mode(grad_mode: str) -> None:
 
 
 def _pair(name: str, v: IntPair, minimum: int) -> tuple:
-    if isinstance(v, int) and not isinstance(v, bool):
+    given = v
+
+    def as_int(i):
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise ValueError(f"{name} must be an int or a pair of ints, got {given!r}")
+        return operator.index(i)
+
+    if not isinstance(v, (tuple, list, torch.Size)):
         v = (v, v)
-    v = tuple(v)
-    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {given!r}")
+    v = tuple(as_int(i) for i in v)
     if min(v) < minimum:
         what = "positive" if minimum == 1 else "non-negative"
         raise ValueError(f"{name} must be {what}, got {v}")
@@ -223,6 +231,8 @@ def adder_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     _check_accumulate(accumulate)
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (out_channels, in_channels/groups, kh, kw), got shape {tuple(weight.shape)}")
+    if weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise ValueError(f"weight's kernel size must be positive, got {tuple(weight.shape[2:])}")
     if x.dim() not in (3, 4):
         raise ValueError(f"x must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(x.shape)}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:

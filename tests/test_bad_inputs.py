@@ -33,6 +33,9 @@ def conv(**kw):
     (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\)"),
     (dict(grad_mode="approx"), ValueError, "grad_mode must be one of"),
     (dict(x=[1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+    (dict(weight=torch.randn(6, 4, 0, 0)), ValueError, "kernel size must be positive"),
+    (dict(stride=1.0), ValueError, "stride must be an int or a pair of ints, got 1.0"),
+    (dict(dilation=None), ValueError, "dilation must be an int or a pair of ints, got None"),
 ])
 def test_adder_conv2d_bad_arguments(kw, err, match):
     with pytest.raises(err, match=match):
@@ -128,3 +131,47 @@ def test_nan_input_gives_nan_output_not_an_error():
 def test_zero_features_give_zero_distance():
     y = shiftadd.adder_linear(torch.randn(2, 3, 0), torch.randn(4, 0))
     assert y.shape == (2, 3, 4) and bool((y == 0).all())
+
+
+def test_raw_ops_reject_what_the_functions_reject():
+    """Found by fuzzing: arguments that overflowed the C++ geometry (a crash), zero-size
+    kernels (an output larger than x), and second tensors on the meta device or of the
+    wrong shape (uninitialized memory back, through the fake kernels)."""
+    x, w = torch.randn(1, 1, 2, 64), torch.randn(1, 1, 1, 5)
+    conv_ops = [_ops.op("reference", "adder_conv2d")]
+    if _dispatch.why_not("cpu", "adder_conv2d", torch.device("cpu"), torch.float32) is None:
+        conv_ops.append(_ops.op("cpu", "adder_conv2d"))
+        with pytest.raises(RuntimeError, match="below 2\\^31"):
+            conv_ops[-1](x, w, [1, 1], [0, 0], [1, 2 ** 62], 1, "addernet")
+    for f in conv_ops:
+        with pytest.raises((RuntimeError, ValueError), match="kernel size must be positive"):
+            f(torch.randn(1, 1, 5, 5), torch.randn(1, 1, 0, 0), [1, 1], [0, 0], [1, 1], 1, "addernet")
+    for backend in ("cpu", "reference"):
+        if _dispatch.why_not(backend, "adder_linear", torch.device("cpu"), torch.float32) is not None:
+            continue
+        with pytest.raises(RuntimeError, match="noise is on meta"):
+            _ops.op(backend, "quantize_pot_q")(torch.ones(3), 5, torch.rand(3, device="meta"), None)
+        with pytest.raises(RuntimeError, match="sign is on meta"):
+            _ops.op(backend, "quantize_pot_ps")(torch.ones(3), torch.ones(3, device="meta"), 5, None, None)
+        with pytest.raises(RuntimeError, match="grad_out is on meta"):
+            _ops.op(backend, "adder_linear_grad_weight")(torch.ones(2, 3, device="meta"), torch.ones(2, 4),
+                                                         torch.ones(3, 4), "exact")
+        with pytest.raises(RuntimeError, match="grad_out is on meta"):
+            _ops.op(backend, "adder_conv2d_grad_input")(torch.ones(1, 1, 3, 3, device="meta"), torch.ones(1, 1, 5, 5),
+                                                        torch.ones(1, 1, 3, 3), [1, 1], [0, 0], [1, 1], 1, "exact")
+        for mode in ("exact", "addernet"):
+            with pytest.raises((RuntimeError, ValueError), match="grad_out must have shape"):
+                _ops.op(backend, "adder_linear_grad_weight")(torch.ones(2, 5), torch.ones(2, 4), torch.ones(3, 4), mode)
+
+
+def test_conv_modules_check_their_geometry():
+    from shiftadd import nn as snn
+
+    for kw, match in ((dict(dilation=0), "dilation must be positive"), (dict(stride=0), "stride must be positive"),
+                      (dict(stride=-1), "stride must be positive"), (dict(padding=-2), "padding must be non-negative")):
+        with pytest.raises(ValueError, match=match):
+            snn.AdderConv2d(2, 4, 3, **kw)
+        with pytest.raises(ValueError, match=match):
+            snn.ShiftConv2d(2, 4, 3, **kw)
+    with pytest.raises(ValueError, match="stride must be positive"):
+        snn.AdderConv2dInt8(torch.zeros(4, 2, 3, 3, dtype=torch.int8), 0.1, None, stride=0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair, _reverse_repeat_tuple
+from torch.nn.modules.utils import _reverse_repeat_tuple
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -22,7 +22,10 @@ class ConvArgs:
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        from ..functional import _pair as checked_pair
+
+        self.kernel_size = checked_pair("kernel_size", kernel_size, 1)
+        self.stride, self.dilation = checked_pair("stride", stride, 1), checked_pair("dilation", dilation, 1)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
@@ -30,9 +33,7 @@ class ConvArgs:
                 raise ValueError("padding='same' is not supported for strided convolutions")
             self.padding = padding
         else:
-            self.padding = _pair(padding)
-            if any(p < 0 for p in self.padding):
-                raise ValueError(f"padding must be non-negative, got {padding!r}")
+            self.padding = checked_pair("padding", padding, 0)
         self.padding_mode = padding_mode
         if isinstance(self.padding, tuple):
             self._reversed_padding_repeated_twice = _reverse_repeat_tuple(self.padding, 2)

@@ -115,14 +115,21 @@ def adder_linear(x: torch.Tensor, weight: torch.Tensor, grad_mode: str = "addern
     return l1_forward(x.to(acc), weight.to(acc)).to(x.dtype)
 
 
+def _check_grad(name: str, grad_out: torch.Tensor, shape: tuple) -> None:
+    if tuple(grad_out.shape) != tuple(shape):
+        raise ValueError(f"{name}: grad_out must have shape {tuple(shape)}, got {tuple(grad_out.shape)}")
+
+
 def adder_linear_grad_input(grad_out, x, weight, grad_mode: str = "addernet"):
     _check_mode(grad_mode)
+    _check_grad("adder_linear_grad_input", grad_out, (x.shape[0], weight.shape[0]))
     acc = acc_dtype(x.dtype)
     return l1_grad_a(grad_out.to(acc), x.to(acc), weight.to(acc), grad_mode).to(x.dtype)
 
 
 def adder_linear_grad_weight(grad_out, x, weight, grad_mode: str = "addernet"):
     _check_mode(grad_mode)
+    _check_grad("adder_linear_grad_weight", grad_out, (x.shape[0], weight.shape[0]))
     acc = acc_dtype(x.dtype)
     return l1_grad_b(grad_out.to(acc), x.to(acc), weight.to(acc), grad_mode).to(weight.dtype)
 
@@ -244,6 +251,8 @@ class _ConvPlan:
     def __init__(self, x, weight, stride, padding, dilation, groups):
         self.N, self.C, self.H, self.W = x.shape
         self.O, self.Cg, self.kh, self.kw = weight.shape
+        if self.kh < 1 or self.kw < 1:
+            raise ValueError(f"weight's kernel size must be positive, got {(self.kh, self.kw)}")
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
         self.G = groups
         self.Og, self.Kg = self.O // groups, self.Cg * self.kh * self.kw
@@ -293,6 +302,7 @@ def adder_conv2d_grad_input(grad_out, x, weight, stride=(1, 1), padding=(0, 0), 
                             grad_mode="addernet"):
     _check_mode(grad_mode)
     p = _ConvPlan(x, weight, stride, padding, dilation, groups)
+    _check_grad("adder_conv2d_grad_input", grad_out, (p.N, p.O, p.Ho, p.Wo))
     w = p.weight(weight)
     dx = x.new_zeros(x.shape, dtype=p.acc)
     for n0 in range(0, p.N if p.Kg else 0, p.nb):  # C = 0: dx is empty (and F.fold on CUDA refuses it)
@@ -309,6 +319,7 @@ def adder_conv2d_grad_weight(grad_out, x, weight, stride=(1, 1), padding=(0, 0),
                              grad_mode="addernet"):
     _check_mode(grad_mode)
     p = _ConvPlan(x, weight, stride, padding, dilation, groups)
+    _check_grad("adder_conv2d_grad_weight", grad_out, (p.N, p.O, p.Ho, p.Wo))
     w = p.weight(weight)
     dw = torch.zeros_like(w)
     for n0 in range(0, p.N, p.nb):
