@@ -68,6 +68,9 @@ __all__ = ["PackedPoT", "pack_pot", "unpack_pot", "CODE_BITS"]
 _CHUNK = 1 << 22
 
 
+SCALE_LIMIT = 1 << 20  # |per-channel exponent|: pack_pot's lie within float64's (about 1100)
+
+
 class PackedPoT:
     """A packed power-of-two weight (layout: module docstring of :mod:`shiftadd.packed`).
 
@@ -95,6 +98,10 @@ class PackedPoT:
             raise ValueError(f"a {tuple(self.shape)} weight with {self.bits}-bit codes needs codes ({o}, {rb}), "
                              f"scales and zero_codes ({o},); got {tuple(codes.shape)}, {tuple(scales.shape)}, "
                              f"{tuple(zero_codes.shape)}")
+        if o and scales.device.type != "meta" and not torch.compiler.is_compiling():  # kernels subtract in int32
+            lo, hi = int(scales.min()), int(scales.max())
+            if lo < -SCALE_LIMIT or hi > SCALE_LIMIT:
+                raise ValueError(f"scales must lie in [-2^20, 2^20] (power-of-two exponents), got [{lo}, {hi}]")
 
     @property
     def out_features(self) -> int:

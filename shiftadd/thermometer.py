@@ -90,10 +90,28 @@ def weight_codes(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 def adder_linear_codes(x: torch.Tensor, w_codes: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
     """x (N, K) int8 bits-bit values, w_codes from :func:`weight_codes` -> (N, out_features)
-    int32 = -sum_k |x[n, k] - w[o, k]|, exactly.  Values are not range-checked here."""
+    int32 = -sum_k |x[n, k] - w[o, k]|, exactly.  Values are not range-checked here; the
+    shapes are: the codes must have been built at these bits for K features and
+    out_features rows (ValueError otherwise)."""
+    check_bits(bits)
+    if bits > MAX_BITS:
+        raise ValueError(f"thermometer codes need bits <= {MAX_BITS}, got bits={bits}")
+    for name, t in (("x", x), ("w_codes", w_codes)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int8 or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D int8 tensor, got "
+                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if x.device != w_codes.device:
+        raise ValueError(f"w_codes is on {w_codes.device} but x is on {x.device}")
     n, k = x.shape
     L = levels(bits)
     kl = w_codes.shape[1]
+    if kl != _round_up(k * L, 8):
+        raise ValueError(f"w_codes has {kl} columns, but {k} features at bits={bits} need {_round_up(k * L, 8)}: "
+                         "codes built for other in_features or bits")
+    if not (isinstance(out_features, int) and 0 <= out_features <= w_codes.shape[0]
+            and w_codes.shape[0] == _round_up(out_features, 8)):
+        raise ValueError(f"out_features {out_features!r} does not match w_codes' {w_codes.shape[0]} rows "
+                         "(out_features rounded up to a multiple of 8)")
     out = torch.empty((n, out_features), dtype=torch.int32, device=x.device)
     if n == 0 or out_features == 0:
         return out

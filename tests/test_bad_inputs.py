@@ -175,3 +175,73 @@ def test_conv_modules_check_their_geometry():
             snn.ShiftConv2d(2, 4, 3, **kw)
     with pytest.raises(ValueError, match="stride must be positive"):
         snn.AdderConv2dInt8(torch.zeros(4, 2, 3, 3, dtype=torch.int8), 0.1, None, stride=0)
+
+
+def test_int8_adders_propagate_non_finite_inputs_like_the_float_layers():
+    """NaN in what an output reads gives NaN, an infinity -inf (the quantizer used to clamp
+    them into finite numbers)."""
+    from shiftadd import nn as snn
+
+    torch.manual_seed(0)
+    lin = snn.AdderLinear(6, 4)
+    x = torch.randn(3, 6)
+    x[0, 2], x[1, 1] = float("nan"), float("inf")
+    for layer, q, inp in ((lin, snn.AdderLinearInt8.from_float(lin, 3.0), x),
+                          *[(c, snn.AdderConv2dInt8.from_float(c, 3.0), None) for c in (
+                              snn.AdderConv2d(4, 6, 3, padding=1, groups=2),
+                              snn.AdderConv2d(4, 6, 3, padding=2, dilation=2, stride=2, padding_mode="reflect"))]):
+        if inp is None:
+            inp = torch.randn(2, 4, 7, 7)
+            inp[0, 0, 2, 2], inp[1, 3, 0, 0] = float("nan"), float("-inf")
+        with torch.no_grad():
+            want, got = layer(inp), q(inp)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.isnan(want).any() and torch.isinf(want).any()
+
+
+def test_int8_state_is_checked_when_loaded():
+    from shiftadd import nn as snn
+
+    q = snn.AdderLinearInt8.from_float(snn.AdderLinear(6, 4), 2.0)
+    for state, match in (({"scale": -1.0, "bits": 8}, "scale must be a positive finite"),
+                         ({"scale": float("nan"), "bits": 8}, "scale must be a positive finite"),
+                         ({"scale": 0.1, "bits": 5}, "bits must be 8, or 2..4"),
+                         ({"scale": 0.1, "bits": 2}, "outside the 2-bit range")):
+        sd = q.state_dict()
+        sd["_extra_state"] = state
+        with pytest.raises(ValueError, match=match):
+            q.load_state_dict(sd)
+
+
+def test_thermometer_codes_must_fit_the_call():
+    from shiftadd import thermometer as T
+
+    w = torch.randint(-8, 8, (5, 7), dtype=torch.int8)
+    x = torch.randint(-8, 8, (3, 7), dtype=torch.int8)
+    codes = T.weight_codes(w, 4)
+    for args, match in (((x, codes, 2, 5), "codes built for other in_features or bits"),
+                        ((torch.randint(-8, 8, (3, 9), dtype=torch.int8), codes, 4, 5), "other in_features"),
+                        ((x, codes, 4, 9), "does not match w_codes' 8 rows"),
+                        ((x.float(), codes, 4, 5), "x must be a 2-D int8 tensor")):
+        with pytest.raises(ValueError, match=match):
+            T.adder_linear_codes(*args)
+
+
+def test_shift_layers_check_loaded_weights_and_refresh_their_packed_copy():
+    from shiftadd import nn as snn
+
+    for mode in ("q", "ps"):
+        with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
+            snn.ShiftLinear(4, 3, mode=mode).load_float_weight(torch.randn(4))
+        with pytest.raises(ValueError, match="floating-point"):
+            snn.ShiftLinear(4, 3, mode=mode).load_float_weight(torch.ones(3, 4, dtype=torch.int64))
+    m = snn.ShiftLinear(8, 2, mode="q").eval()
+    x = torch.randn(1, 8)
+    with torch.no_grad():
+        y0 = m(x)
+        m.weight.data.mul_(-1)  # invisible to the version counter, as to autograd
+        m.eval()                # drops the packed copy
+        assert not torch.equal(m(x), y0)
+    with pytest.raises(ValueError, match="scales must lie in"):
+        shiftadd.PackedPoT(torch.ones(1, 16, dtype=torch.uint8), torch.tensor([-2 ** 31], dtype=torch.int32),
+                           torch.tensor([-1], dtype=torch.int32), (1, 16), 8)

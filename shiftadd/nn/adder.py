@@ -167,7 +167,14 @@ class _Int8State:
         return {"scale": self.scale, "bits": self.bits}
 
     def set_extra_state(self, state):
-        self.scale, self.bits = float(state["scale"]), int(state.get("bits", 8))
+        # checked as the constructor checks them (load_state_dict has loaded weight_q already)
+        scale, bits = state["scale"], state.get("bits", 8)
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"the state's scale must be a positive finite float, got {scale!r}")
+        thermometer.check_bits(bits)
+        if self.weight_q.device.type != "meta":
+            thermometer.check_range("weight_q", self.weight_q, bits)
+        self.scale, self.bits = float(scale), bits
         self._clear_cache()
 
     def _quantize(self, t: torch.Tensor) -> torch.Tensor:
@@ -202,6 +209,13 @@ class _Int8State:
     def _check_input(x: torch.Tensor) -> None:
         if not x.dtype.is_floating_point:
             raise TypeError(f"x must be floating point, got {x.dtype}")
+
+    @staticmethod
+    def _non_finite(y: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor) -> torch.Tensor:
+        """y where the float layer's output would not be finite: NaN where an input it reads
+        is NaN, else -inf where one is infinite (|inf - w| = inf), as the float layer (the
+        quantizer would have clamped them to the grid)."""
+        return torch.where(nan, float("nan"), torch.where(inf, float("-inf"), y))
 
 
 class AdderLinearInt8(_Int8State, nn.Module):
@@ -242,6 +256,8 @@ class AdderLinearInt8(_Int8State, nn.Module):
         lead = x.shape[:-1]
         xq = self._quantize(x).reshape(math.prod(lead), self.in_features)
         y = _dequantize(self._adder_q(xq, 0, self.out_features), self.scale, x.dtype).reshape(*lead, self.out_features)
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            y = self._non_finite(y, torch.isnan(x).any(-1, keepdim=True), torch.isinf(x).any(-1, keepdim=True))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -311,9 +327,22 @@ class AdderConv2dInt8(_Int8State, ConvArgs, nn.Module):
                                             .permute(0, 3, 1, 2))
         y.mul_(self.scale)
         y = y.to(x.dtype)  # rounded once (a 16-bit copy of the sums themselves would overflow)
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            y = self._non_finite(y, self._reads(torch.isnan(x)), self._reads(torch.isinf(x)))
         if self.bias is not None:
             y.add_(self.bias.to(x.dtype).view(1, -1, 1, 1))
         return y.squeeze(0) if squeeze else y
+
+    def _reads(self, flag: torch.Tensor) -> torch.Tensor:
+        """flag (N, C, H, W) bool -> (N, O, Ho, Wo) bool: whether an output reads a flagged
+        input (through the padding mode), as a convolution of counts over each group."""
+        f = flag.to(torch.float32)
+        pads = self._reversed_padding_repeated_twice
+        f = F.pad(f, pads) if self.padding_mode == "zeros" else F.pad(f, pads, mode=self.padding_mode)
+        g, cg = self.groups, self.in_channels // self.groups
+        ones = torch.ones((g, cg, *self.kernel_size), dtype=torch.float32, device=f.device)
+        hits = F.conv2d(f, ones, None, self.stride, 0, self.dilation, g) > 0
+        return hits.repeat_interleave(self.out_channels // g, dim=1)
 
     def _rows_of(self, w: torch.Tensor) -> torch.Tensor:
         """(O, kh kw C/groups) rows in the patch rows' (kh, kw, c) order."""

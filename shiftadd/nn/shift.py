@@ -12,7 +12,8 @@ gradient, the layer quantizes and runs F.linear (the training path).  In inferen
 mode, and no gradient needed for x or the parameters, outside torch.compile) with at
 most ``PACKED_MAX_ROWS`` input rows it packs its weight once into 4/8-bit codes (kept
 until a parameter changes: the parameters' version counters and storage are the cache
-key) and runs ``shift_linear_packed`` -- when the backend that op would get is a kernel
+key, so writes through ``.data``, which autograd does not see either, are not seen: call
+``layer.train(False)`` again after them, which drops the packed copy) and runs ``shift_linear_packed`` -- when the backend that op would get is a kernel
 (the cpu one reads the codes directly, ~5x faster than the dense float32 matmul at batch
 1 on an 8192x8192 weight), not the reference (which would decode the weight per call).
 Larger batches are compute-bound, and the dense path serves them.
@@ -89,7 +90,12 @@ class _ShiftBase(nn.Module):
     @torch.no_grad()
     def load_float_weight(self, weight: torch.Tensor) -> None:
         """Initialise from a float weight (DeepShift conversion): Q copies it; PS takes
-        P = round(log2 |w|) clamped into range and S = sign(w)."""
+        P = round(log2 |w|) clamped into range and S = sign(w).  weight: floating point,
+        of this layer's weight shape."""
+        shape = (self.shift if self.mode == "ps" else self.weight).shape
+        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.shape != shape:
+            raise ValueError(f"weight must be a floating-point tensor of shape {tuple(shape)}, got "
+                             f"{(weight.dtype, tuple(weight.shape)) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
         if self.mode == "q":
             self.weight.copy_(weight)
             return
@@ -193,6 +199,10 @@ class ShiftLinear(_ShiftBase):
     def _apply(self, fn, *args, **kwargs):
         self._packed_cache = None  # .to(), .half(), ...: rebuilt on the next packed call
         return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self._packed_cache = None  # train() / eval(): rebuilt on the next packed call
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
