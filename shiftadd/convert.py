@@ -17,21 +17,24 @@ from .nn import AdderConv2d, AdderLinear, ShiftAddConv2d, ShiftConv2d, ShiftLine
 
 TARGETS = ("shift", "adder", "shiftadd")
 _SHIFT_KW = ("mode", "weight_bits", "act_bits", "rounding")
-_ADDER_KW = ("eta", "grad_mode")
+_ADDER_KW = ("eta", "grad_mode", "accumulate")
 
 
 def _candidates(model: nn.Module):
-    """(parent, attribute name, layer) of every nn.Conv2d / nn.Linear, in module order
-    (depth-first, as model.modules() lists them).  Exact types only: subclasses may carry
-    other semantics."""
-    out, seen = [], set()
+    """([(parent, attribute name), ...], layer) of every nn.Conv2d / nn.Linear, in module
+    order (depth-first, as model.modules() lists them); a layer used in several places is
+    listed once, with all of them.  Exact types only: subclasses may carry other semantics."""
+    out, index = [], {}
 
     def walk(parent):
-        for name, child in parent.named_children():
+        for name, child in parent._modules.items():  # named_children() would skip a second use
+            if child is None:
+                continue
             if type(child) in (nn.Conv2d, nn.Linear):
-                if id(child) not in seen:
-                    seen.add(id(child))
-                    out.append((parent, name, child))
+                if id(child) not in index:
+                    index[id(child)] = len(out)
+                    out.append(([], child))
+                out[index[id(child)]][0].append((parent, name))
             else:
                 walk(child)
 
@@ -121,10 +124,12 @@ def convert(model: nn.Module, to: str = "shift", skip_first: bool = True, skip_l
     if skip_last and chosen and chosen[-1] == len(cands) - 1:
         chosen = chosen[:-1]
     kinds = {"conv": nn.Conv2d, "linear": nn.Linear}
-    chosen = [i for i in chosen if any(type(cands[i][2]) is kinds[k] for k in layers)]
+    chosen = [i for i in chosen if any(type(cands[i][1]) is kinds[k] for k in layers)]
     if depth is not None:
         chosen = chosen[len(chosen) - depth:] if depth else []
     for i in chosen:
-        parent, name, child = cands[i]
-        setattr(parent, name, _make(child, to, from_weights, layer_kwargs))
+        places, child = cands[i]
+        new = _make(child, to, from_weights, layer_kwargs)
+        for parent, name in places:  # a shared layer stays shared
+            setattr(parent, name, new)
     return model, len(chosen)

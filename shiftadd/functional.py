@@ -328,9 +328,10 @@ def round_to_fixed(x: torch.Tensor, int_bits: int = 16, frac_bits: int = 16) -> 
 def _act_bits(act_bits):
     if act_bits is None:
         return None
-    if isinstance(act_bits, (tuple, list)) and len(act_bits) == 2:
-        return int(act_bits[0]), int(act_bits[1])
-    raise ValueError(f"act_bits must be None or (int_bits, frac_bits), got {act_bits!r}")
+    if isinstance(act_bits, (tuple, list)) and len(act_bits) == 2 and all(
+            hasattr(b, "__index__") and not isinstance(b, bool) for b in act_bits):
+        return operator.index(act_bits[0]), operator.index(act_bits[1])
+    raise ValueError(f"act_bits must be None or (int_bits, frac_bits), a pair of ints, got {act_bits!r}")
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:

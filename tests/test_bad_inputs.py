@@ -103,7 +103,7 @@ def test_compiled_ops_check_shapes_and_dtypes():
     (lambda: shiftadd.shift_linear(torch.randn(2, 3), torch.randn(4, 3), mode="x"), ValueError, "mode must be one of"),
     (lambda: shiftadd.nn.ShiftConv2d(3, 4, 3, weight_bits=12), ValueError, "weight_bits must be an int in"),
     (lambda: shiftadd.nn.AdderConv2d(3, 4, 3, groups=2), ValueError, "must be divisible by groups"),
-    (lambda: shiftadd.nn.AdderConv2d(3, 4, 3, eta=-1), ValueError, "eta must be a positive number or None"),
+    (lambda: shiftadd.nn.AdderConv2d(3, 4, 3, eta=-1), ValueError, "eta must be a positive finite number or None"),
     (lambda: shiftadd.nn.AdderConv2d(3, 4, 3, padding_mode="mirror"), ValueError, "padding_mode must be one of"),
     (lambda: shiftadd.nn.AdderLinear(3, 4, grad_mode="fast"), ValueError, "grad_mode must be one of"),
 ])
@@ -245,3 +245,31 @@ def test_shift_layers_check_loaded_weights_and_refresh_their_packed_copy():
     with pytest.raises(ValueError, match="scales must lie in"):
         shiftadd.PackedPoT(torch.ones(1, 16, dtype=torch.uint8), torch.tensor([-2 ** 31], dtype=torch.int32),
                            torch.tensor([-1], dtype=torch.int32), (1, 16), 8)
+
+
+def test_minor_module_arguments():
+    from torch import nn
+
+    from shiftadd import nn as snn
+
+    with pytest.raises(ValueError, match="eta must be a positive finite number"):
+        snn.AdderLinear(3, 4, eta=float("inf"))
+    with pytest.raises(ValueError, match="act_bits must be None or"):
+        snn.ShiftLinear(3, 4, act_bits=(1.7, 4.9))
+    # a failed recalibration leaves the statistics, momentum and train/eval flags as they were
+    m = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train()
+    m(torch.randn(8, 3))
+    mean = m[1].running_mean.clone()
+
+    def boom(x):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        snn.recalibrate_bn(m, boom, [torch.randn(4, 3)])
+    assert torch.equal(m[1].running_mean, mean) and m[1].momentum == 0.1 and m.training
+    # convert: a layer used in two places is replaced in both, by one shared layer
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.ReLU(), shared, nn.Linear(4, 2))
+    model, n = shiftadd.convert(model, to="adder", accumulate="fp16x2")
+    assert n == 1 and model[1] is model[3] and isinstance(model[3], snn.AdderLinear)
+    assert model[1].accumulate == "fp16x2"

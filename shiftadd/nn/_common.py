@@ -68,13 +68,22 @@ def recalibrate_bn(model: nn.Module, forward, batches) -> None:
     """Resets every BatchNorm's statistics and re-estimates them (cumulative average) from
     `batches` with forward(x); the model is left in eval mode."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
+    saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
+    modes = [(m, m.training) for m in model.modules()]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for x in batches:
-        forward(x)
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
+    try:
+        for x in batches:
+            forward(x)
+    except BaseException:  # a failed call leaves the statistics and train/eval flags as they were
+        for m, (_, state) in zip(bns, saved):
+            m.load_state_dict(state)
+        for m, mode in modes:
+            m.training = mode
+        raise
+    finally:
+        for m, (mom, _) in zip(bns, saved):
+            m.momentum = mom
     model.eval()

@@ -20,8 +20,9 @@ from ._common import ConvArgs, recalibrate_bn
 
 
 def _check_eta(eta):
-    if eta is not None and not (isinstance(eta, (int, float)) and eta > 0):
-        raise ValueError(f"eta must be a positive number or None, got {eta!r}")
+    if eta is not None and not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta > 0
+                                and math.isfinite(eta)):
+        raise ValueError(f"eta must be a positive finite number or None, got {eta!r}")
     return None if eta is None else float(eta)
 
 
