@@ -24,9 +24,12 @@ def _candidates(model: nn.Module):
     """([(parent, attribute name), ...], layer) of every nn.Conv2d / nn.Linear, in module
     order (depth-first, as model.modules() lists them); a layer used in several places is
     listed once, with all of them.  Exact types only: subclasses may carry other semantics."""
-    out, index = [], {}
+    out, index, walked = [], {}, set()
 
     def walk(parent):
+        if id(parent) in walked:  # a shared block: its attributes were recorded once, for all its uses
+            return
+        walked.add(id(parent))
         for name, child in parent._modules.items():  # named_children() would skip a second use
             if child is None:
                 continue

@@ -67,16 +67,26 @@ def _check_grad_mode(grad_mode: str) -> None:
 def _pair(name: str, v: IntPair, minimum: int) -> tuple:
     given = v
 
-    def as_int(i):
-        if isinstance(i, bool) or not hasattr(i, "__index__"):
-            raise ValueError(f"{name} must be an int or a pair of ints, got {given!r}")
-        return operator.index(i)
+    def bad():
+        return ValueError(f"{name} must be an int or a pair of ints, got {given!r}")
 
-    if not isinstance(v, (tuple, list, torch.Size)):
-        v = (v, v)
-    if len(v) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {given!r}")
-    v = tuple(as_int(i) for i in v)
+    def as_int(i):
+        if isinstance(i, bool):
+            raise bad()
+        try:
+            return operator.index(i)
+        except TypeError:
+            raise bad() from None
+
+    if isinstance(v, (str, bytes)) or v is None:
+        raise bad()
+    try:
+        items = list(v)  # tuples, lists, torch.Size, ranges, arrays, tensors
+    except TypeError:
+        items = [v, v]
+    if len(items) != 2:
+        raise bad()
+    v = tuple(as_int(i) for i in items)
     if min(v) < minimum:
         what = "positive" if minimum == 1 else "non-negative"
         raise ValueError(f"{name} must be {what}, got {v}")

@@ -71,6 +71,15 @@ _CHUNK = 1 << 22
 SCALE_LIMIT = 1 << 20  # |per-channel exponent|: pack_pot's lie within float64's (about 1100)
 
 
+def check_scale_range(scales: torch.Tensor) -> None:
+    """Raises ValueError when a per-channel exponent lies beyond +-2^20 (the kernels subtract
+    exponents in int32; -2^31 wrapped).  Reads two numbers back from the device."""
+    if scales.numel() and scales.device.type != "meta" and not torch.compiler.is_compiling():
+        lo, hi = int(scales.min()), int(scales.max())
+        if lo < -SCALE_LIMIT or hi > SCALE_LIMIT:
+            raise ValueError(f"scales must lie in [-2^20, 2^20] (power-of-two exponents), got [{lo}, {hi}]")
+
+
 class PackedPoT:
     """A packed power-of-two weight (layout: module docstring of :mod:`shiftadd.packed`).
 
@@ -82,7 +91,7 @@ class PackedPoT:
     __slots__ = ("codes", "scales", "zero_codes", "shape", "bits", "dtype")
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zero_codes: torch.Tensor, shape, bits: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, check_scales: bool = True):
         self.codes, self.scales, self.zero_codes = codes, scales, zero_codes
         self.shape, self.bits, self.dtype = torch.Size(shape), int(bits), dtype
         if self.bits not in CODE_BITS:
@@ -98,10 +107,8 @@ class PackedPoT:
             raise ValueError(f"a {tuple(self.shape)} weight with {self.bits}-bit codes needs codes ({o}, {rb}), "
                              f"scales and zero_codes ({o},); got {tuple(codes.shape)}, {tuple(scales.shape)}, "
                              f"{tuple(zero_codes.shape)}")
-        if o and scales.device.type != "meta" and not torch.compiler.is_compiling():  # kernels subtract in int32
-            lo, hi = int(scales.min()), int(scales.max())
-            if lo < -SCALE_LIMIT or hi > SCALE_LIMIT:
-                raise ValueError(f"scales must lie in [-2^20, 2^20] (power-of-two exponents), got [{lo}, {hi}]")
+        if check_scales:  # False where they come from pack_pot or a checked module (no host sync then)
+            check_scale_range(scales)
 
     @property
     def out_features(self) -> int:
@@ -125,7 +132,7 @@ class PackedPoT:
 
     def to(self, device) -> "PackedPoT":
         return PackedPoT(self.codes.to(device), self.scales.to(device), self.zero_codes.to(device), self.shape,
-                         self.bits, self.dtype)
+                         self.bits, self.dtype, check_scales=False)
 
     def __repr__(self) -> str:
         return (f"PackedPoT(shape={tuple(self.shape)}, bits={self.bits}, dtype={self.dtype}, "
@@ -253,7 +260,7 @@ def pack_pot(weight: torch.Tensor, weight_bits: Optional[int] = None, *, code_bi
     dev = weight.device
     cat = (lambda ts, shape, dt: torch.cat(ts) if ts else torch.empty(shape, dtype=dt, device=dev))
     return PackedPoT(cat(codes, (0, rb), torch.uint8), cat(scales, (0,), torch.int32), cat(zcs, (0,), torch.int32),
-                     weight.shape, bits, weight.dtype)
+                     weight.shape, bits, weight.dtype, check_scales=False)
 
 
 def unpack_pot(packed: PackedPoT, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -108,8 +108,10 @@ def adder_linear_codes(x: torch.Tensor, w_codes: torch.Tensor, bits: int, out_fe
     if kl != _round_up(k * L, 8):
         raise ValueError(f"w_codes has {kl} columns, but {k} features at bits={bits} need {_round_up(k * L, 8)}: "
                          "codes built for other in_features or bits")
-    if not (isinstance(out_features, int) and 0 <= out_features <= w_codes.shape[0]
-            and w_codes.shape[0] == _round_up(out_features, 8)):
+    if isinstance(out_features, bool) or not hasattr(out_features, "__index__"):
+        raise ValueError(f"out_features must be an int, got {out_features!r}")
+    out_features = out_features.__index__()
+    if not (0 <= out_features <= w_codes.shape[0] and w_codes.shape[0] == _round_up(out_features, 8)):
         raise ValueError(f"out_features {out_features!r} does not match w_codes' {w_codes.shape[0]} rows "
                          "(out_features rounded up to a multiple of 8)")
     out = torch.empty((n, out_features), dtype=torch.int32, device=x.device)

@@ -240,7 +240,9 @@ def test_shift_layers_check_loaded_weights_and_refresh_their_packed_copy():
     with torch.no_grad():
         y0 = m(x)
         m.weight.data.mul_(-1)  # invisible to the version counter, as to autograd
-        m.eval()                # drops the packed copy
+        m.eval()                # no mode change: the packed copy stays
+        assert torch.equal(m(x), y0)
+        m.clear_packed_cache()
         assert not torch.equal(m(x), y0)
     with pytest.raises(ValueError, match="scales must lie in"):
         shiftadd.PackedPoT(torch.ones(1, 16, dtype=torch.uint8), torch.tensor([-2 ** 31], dtype=torch.int32),
@@ -273,3 +275,27 @@ def test_minor_module_arguments():
     model, n = shiftadd.convert(model, to="adder", accumulate="fp16x2")
     assert n == 1 and model[1] is model[3] and isinstance(model[3], snn.AdderLinear)
     assert model[1].accumulate == "fp16x2"
+
+
+def test_fixes_keep_valid_uses_working():
+    """From a review of the bad-input fixes: array / tensor / range kernel sizes still work,
+    the int8 layers still trace on meta and fake tensors, and convert walks a shared block once."""
+    import numpy as np
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from shiftadd import nn as snn
+
+    assert snn.AdderConv2d(1, 4, np.array([3, 3]))(torch.randn(1, 1, 5, 5)).shape == (1, 4, 3, 3)
+    assert snn.ShiftConv2d(1, 4, torch.tensor([3, 2]))(torch.randn(1, 1, 5, 5)).shape == (1, 4, 3, 4)
+    assert snn.AdderConv2d(1, 4, range(2, 4)).kernel_size == (2, 3)
+    q = snn.AdderConv2dInt8(torch.zeros(16, 16, 3, 3, dtype=torch.int8), 0.1, padding=1)
+    assert q.to("meta")(torch.randn(2, 16, 8, 8, device="meta")).shape == (2, 16, 8, 8)
+    with FakeTensorMode():
+        q2 = snn.AdderLinearInt8(torch.zeros(4, 6, dtype=torch.int8), 0.1)
+        assert q2(torch.randn(3, 6)).shape == (3, 4)
+    block = nn.Linear(3, 3)
+    for _ in range(22):
+        block = nn.Sequential(block, block)
+    _, n = shiftadd.convert(block, to="adder", skip_first=False, skip_last=False)
+    assert n == 1

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import functional as SF
 from .. import thermometer
@@ -212,6 +213,18 @@ class _Int8State:
             raise TypeError(f"x must be floating point, got {x.dtype}")
 
     @staticmethod
+    def _may_be_non_finite(x: torch.Tensor) -> bool:
+        """Whether to build the non-finite masks: in eager mode when the float32 sum of x is
+        not finite (one cheap reduction; a finite overflow only costs the masks); traced
+        (torch.compile, export, fake or meta tensors) always, since a branch on the data
+        cannot be traced."""
+        if x.numel() == 0:
+            return False
+        if x.device.type == "meta" or torch.compiler.is_compiling() or is_fake(x):
+            return True
+        return not bool(torch.isfinite(torch.sum(x, dtype=_wide(x.dtype))))
+
+    @staticmethod
     def _non_finite(y: torch.Tensor, nan: torch.Tensor, inf: torch.Tensor) -> torch.Tensor:
         """y where the float layer's output would not be finite: NaN where an input it reads
         is NaN, else -inf where one is infinite (|inf - w| = inf), as the float layer (the
@@ -257,7 +270,7 @@ class AdderLinearInt8(_Int8State, nn.Module):
         lead = x.shape[:-1]
         xq = self._quantize(x).reshape(math.prod(lead), self.in_features)
         y = _dequantize(self._adder_q(xq, 0, self.out_features), self.scale, x.dtype).reshape(*lead, self.out_features)
-        if x.numel() and not bool(torch.isfinite(x).all()):
+        if self._may_be_non_finite(x):
             y = self._non_finite(y, torch.isnan(x).any(-1, keepdim=True), torch.isinf(x).any(-1, keepdim=True))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -328,7 +341,7 @@ class AdderConv2dInt8(_Int8State, ConvArgs, nn.Module):
                                             .permute(0, 3, 1, 2))
         y.mul_(self.scale)
         y = y.to(x.dtype)  # rounded once (a 16-bit copy of the sums themselves would overflow)
-        if x.numel() and not bool(torch.isfinite(x).all()):
+        if self._may_be_non_finite(x):
             y = self._non_finite(y, self._reads(torch.isnan(x)), self._reads(torch.isinf(x)))
         if self.bias is not None:
             y.add_(self.bias.to(x.dtype).view(1, -1, 1, 1))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import functional as SF
-from ..packed import CODE_BITS, PackedPoT, pack_pot, unpack_pot
+from ..packed import CODE_BITS, PackedPoT, check_scale_range, pack_pot, unpack_pot
 from ..reference.shift import packed_row_bytes
 from ._common import ConvArgs
 
@@ -61,7 +61,7 @@ class _PackedBase(nn.Module):
     def packed_weight(self) -> PackedPoT:
         """The weight as a :class:`shiftadd.PackedPoT` (sharing this module's buffers)."""
         return PackedPoT(self.codes, self.scales, self.zero_codes, self.weight_shape, self.code_bits,
-                         self.weight_dtype)
+                         self.weight_dtype, check_scales=False)  # checked when set or loaded
 
     def unpacked_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense power-of-two weight (the source module's quantized_weight())."""
@@ -86,6 +86,9 @@ class _PackedBase(nn.Module):
                               error_msgs):
         extra = state_dict.get(prefix + "_extra_state")
         codes = state_dict.get(prefix + "codes")
+        scales = state_dict.get(prefix + "scales")
+        if isinstance(scales, torch.Tensor):  # packed_weight() trusts them
+            check_scale_range(scales)
         if isinstance(extra, dict) and codes is not None and extra.get("code_bits") in CODE_BITS:
             o, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
             want = (o, packed_row_bytes(k, extra["code_bits"]))

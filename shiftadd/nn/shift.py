@@ -13,7 +13,7 @@ mode, and no gradient needed for x or the parameters, outside torch.compile) wit
 most ``PACKED_MAX_ROWS`` input rows it packs its weight once into 4/8-bit codes (kept
 until a parameter changes: the parameters' version counters and storage are the cache
 key, so writes through ``.data``, which autograd does not see either, are not seen: call
-``layer.train(False)`` again after them, which drops the packed copy) and runs ``shift_linear_packed`` -- when the backend that op would get is a kernel
+``layer.clear_packed_cache()`` after them) and runs ``shift_linear_packed`` -- when the backend that op would get is a kernel
 (the cpu one reads the codes directly, ~5x faster than the dense float32 matmul at batch
 1 on an 8192x8192 weight), not the reference (which would decode the weight per call).
 Larger batches are compute-bound, and the dense path serves them.
@@ -200,9 +200,10 @@ class ShiftLinear(_ShiftBase):
         self._packed_cache = None  # .to(), .half(), ...: rebuilt on the next packed call
         return super()._apply(fn, *args, **kwargs)
 
-    def train(self, mode: bool = True):
-        self._packed_cache = None  # train() / eval(): rebuilt on the next packed call
-        return super().train(mode)
+    def clear_packed_cache(self) -> None:
+        """Drops the packed copy of the weight (rebuilt on the next packed call): needed only
+        after writes the parameters' version counters do not see (through ``.data``)."""
+        self._packed_cache = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
