@@ -81,6 +81,7 @@ class AdderConv2d(ConvArgs, nn.Module):
     # (scale, bits) while the layer trains with its int8 quantization in the loop
     # (fake_quantize_adders); None: float.  Not part of the state dict.
     quant: Optional[tuple] = None
+    accumulate: str = "fp32"  # class default: modules pickled before the argument existed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, padding = self._pad_input(x)
@@ -121,6 +122,7 @@ class AdderLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     quant: Optional[tuple] = None  # as AdderConv2d.quant
+    accumulate: str = "fp32"       # as AdderConv2d.accumulate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = SF.adaptive_grad_scale(self.weight, self.eta)
