@@ -326,7 +326,7 @@ class AdderConv2dInt8(_Int8State, ConvArgs, nn.Module):
                              device=x.device)
             xq[:, pads[2]:pads[2] + h, pads[0]:pads[0] + w].copy_(self._quantize(x).permute(0, 2, 3, 1))
         else:
-            xq = self._quantize(F.pad(x, pads, mode=self.padding_mode)).permute(0, 2, 3, 1).contiguous()
+            xq = self._quantize(self._pad_input(x)[0]).permute(0, 2, 3, 1).contiguous()
         n, h, w, c = xq.shape
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1

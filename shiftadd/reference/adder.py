@@ -180,24 +180,18 @@ def adder_conv2d_fp16x2(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1
     channel stride is 1 and C > 1 (channels-last)."""
     _check_mode(grad_mode)
     _check_fp16("adder_conv2d_fp16x2", x, weight)
-    N, C, H, W = x.shape
-    O, Cg, kh, kw = weight.shape
-    Og, Kg = O // groups, Cg * kh * kw
-    Ho, Wo = conv_output_size(H, W, (kh, kw), stride, padding, dilation)
-    L = Ho * Wo
-    out = torch.zeros((N, O, Ho, Wo), dtype=torch.float16, device=x.device)
-    if N * L == 0 or Og == 0 or Kg == 0:  # Kg = 0: empty sums (+0; F.unfold refuses C = 0)
-        return out.contiguous(memory_format=conv_memory_format(x))
-    # float16 unfold copies values (and zeros for padding) exactly
-    u = F.unfold(x, (kh, kw), dilation, padding, stride).view(N, groups, Kg, L)
-    cols = u.permute(1, 0, 3, 2).reshape(groups, N * L, Kg)
-    w = weight.reshape(groups, Og, Kg)
-    if x.stride(1) == 1 and C > 1:  # channels-last column order (i, j, c)
-        cols = cols.view(groups, N * L, Cg, kh * kw).transpose(2, 3).reshape(groups, N * L, Kg)
-        w = w.view(groups, Og, Cg, kh * kw).transpose(2, 3).reshape(groups, Og, Kg)
-    for gi in range(groups):
-        y = l1_forward_fp16x2(cols[gi], w[gi])
-        out[:, gi * Og:(gi + 1) * Og] = y.view(N, Ho, Wo, Og).permute(0, 3, 1, 2)
+    p = _ConvPlan(x, weight, stride, padding, dilation, groups)
+    out = x.new_zeros((p.N, p.O, p.Ho, p.Wo))
+    if p.N * p.L and p.Og:
+        # the patches of the whole batch; float16 values pass through float32 exactly
+        cols, w = p.cols(x).to(torch.float16), p.weight(weight).to(torch.float16)
+        if x.stride(1) == 1 and p.C > 1:  # channels-last column order (i, j, c)
+            taps = p.kh * p.kw
+            cols = cols.view(p.G, -1, p.Cg, taps).transpose(2, 3).reshape(p.G, -1, p.Kg)
+            w = w.view(p.G, p.Og, p.Cg, taps).transpose(2, 3).reshape(p.G, p.Og, p.Kg)
+        for gi in range(p.G):
+            y = l1_forward_fp16x2(cols[gi], w[gi])
+            out[:, gi * p.Og:(gi + 1) * p.Og] = y.view(p.N, p.Ho, p.Wo, p.Og).permute(0, 3, 1, 2)
     return out.contiguous(memory_format=conv_memory_format(x))
 
 
