@@ -290,6 +290,21 @@ struct TileCfg {
 using FwdWide = TileCfg<128, 128, 8>;   // Og > 32
 using FwdNarrow = TileCfg<256, 32, 4>;  // 8 < Og <= 32
 
+// The load mapping of the forward tile (adder_fwd_tiled, adder_fwd_h2): 256 threads, BK
+// columns per stage; CL selects threads along the tile's columns (channels-last x).
+template <class Cfg, bool CL>
+struct FwdTile {
+  static constexpr int BM = Cfg::BM, BN = Cfg::BN, TN = Cfg::TN, BK = kBK;
+  static constexpr int AE = BM * BK / kThreads;  // A elements per thread and stage
+  static constexpr int BE = BN * BK / kThreads;  // B elements per thread and stage
+  static constexpr int TX = BN / TN;             // threads along the columns of the tile
+  static constexpr int RSTEP = kThreads / BK;    // CL: row distance between a thread's A elements
+  static_assert(AE >= 1 && BE >= 1 && TX * (BM / 8) == kThreads && (TN == 8 || TN == 4), "tile config");
+  static_assert(CL || (kThreads % BM == 0 && (kThreads / BM) * AE == BK), "row mapping");
+  static_assert(!CL || RSTEP * AE == BM, "column mapping");
+  static_assert(kThreads % BN == 0 && (kThreads / BN) * BE == BK, "B mapping");
+};
+
 // Shared by the two tiled forwards (adder_fwd_tiled, adder_fwd_h2).
 // Rows[m] for the BM rows from m0: offset of the row's tap (0, 0) in x (split in two ints;
 // it may lie outside the image) and that tap's input coordinates (kFar past the last row).
@@ -350,16 +365,10 @@ template <typename T, bool CL, class Cfg>
 __global__ void __launch_bounds__(kThreads, 2)
     adder_fwd_tiled(const DevGeom g, const T* __restrict__ x, const int2* __restrict__ ktab,
                     const float* __restrict__ wt, T* __restrict__ y, const Strides4 ys) {
-  constexpr int BM = Cfg::BM, BN = Cfg::BN, TN = Cfg::TN, BK = kBK;
-  constexpr int AE = BM * BK / kThreads;  // A elements per thread and stage
-  constexpr int BE = BN * BK / kThreads;  // B elements per thread and stage
-  constexpr int TX = BN / TN;             // threads along the columns of the tile
-  constexpr int RSTEP = kThreads / BK;    // CL: row distance between a thread's A elements
+  using S = FwdTile<Cfg, CL>;
+  constexpr int BM = S::BM, BN = S::BN, TN = S::TN, BK = S::BK, AE = S::AE, BE = S::BE, TX = S::TX,
+                RSTEP = S::RSTEP;
   constexpr bool kAsync = IsFloat<T>::value && SA_CP_ASYNC;
-  static_assert(AE >= 1 && BE >= 1 && TX * (BM / 8) == kThreads && (TN == 8 || TN == 4), "tile config");
-  static_assert(CL || (kThreads % BM == 0 && (kThreads / BM) * AE == BK), "row mapping");
-  static_assert(!CL || RSTEP * AE == BM, "column mapping");
-  static_assert(kThreads % BN == 0 && (kThreads / BN) * BE == BK, "B mapping");
 
   __shared__ __align__(16) float As[2][BK][BM + kPad];
   __shared__ __align__(16) float Bs[2][BK][BN + kPad];
@@ -477,23 +486,14 @@ __global__ void __launch_bounds__(kThreads, 2)
 constexpr int kPadH = 8;                 // shared-memory row padding, in halves (16 bytes)
 constexpr int kH2Flush = 2 * kBK;        // columns per float16 partial sum
 
-__device__ __forceinline__ __half2 bcast_lo(__half2 v) { return __low2half2(v); }
-__device__ __forceinline__ __half2 bcast_hi(__half2 v) { return __high2half2(v); }
-
 template <bool CL, class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
     adder_fwd_h2(const DevGeom g, const __half* __restrict__ x, const int2* __restrict__ ktab,
                  const __half* __restrict__ wt, __half* __restrict__ y, const Strides4 ys) {
-  constexpr int BM = Cfg::BM, BN = Cfg::BN, TN = Cfg::TN, BK = kBK;
-  constexpr int AE = BM * BK / kThreads;  // A elements per thread and stage
-  constexpr int BE = BN * BK / kThreads;  // B elements per thread and stage
-  constexpr int TX = BN / TN;             // threads along the columns of the tile
-  constexpr int RSTEP = kThreads / BK;    // CL: row distance between a thread's A elements
-  constexpr int FS = kH2Flush / BK;       // stages per float16 partial sum
-  static_assert(AE >= 1 && BE >= 1 && TX * (BM / 8) == kThreads && (TN == 8 || TN == 4), "tile config");
-  static_assert(CL || (kThreads % BM == 0 && (kThreads / BM) * AE == BK), "row mapping");
-  static_assert(!CL || RSTEP * AE == BM, "column mapping");
-  static_assert(kThreads % BN == 0 && (kThreads / BN) * BE == BK, "B mapping");
+  using S = FwdTile<Cfg, CL>;
+  constexpr int BM = S::BM, BN = S::BN, TN = S::TN, BK = S::BK, AE = S::AE, BE = S::BE, TX = S::TX,
+                RSTEP = S::RSTEP;
+  constexpr int FS = kH2Flush / BK;  // stages per float16 partial sum
   static_assert(kH2Flush % BK == 0, "flush at stage ends");
 
   __shared__ __align__(16) __half As[2][BK][BM + kPadH];
@@ -560,8 +560,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const __half2* pa0 = reinterpret_cast<const __half2*>(&As[buf][kk][ty * 4]);
         const __half2* pa1 = reinterpret_cast<const __half2*>(&As[buf][kk][BM / 2 + ty * 4]);
         const __half2 p0 = pa0[0], p1 = pa0[1], p2 = pa1[0], p3 = pa1[1];
-        const __half2 a[8] = {bcast_lo(p0), bcast_hi(p0), bcast_lo(p1), bcast_hi(p1),
-                              bcast_lo(p2), bcast_hi(p2), bcast_lo(p3), bcast_hi(p3)};
+        const __half2 a[8] = {__low2half2(p0), __high2half2(p0), __low2half2(p1), __high2half2(p1),
+                              __low2half2(p2), __high2half2(p2), __low2half2(p3), __high2half2(p3)};
         __half2 b[TN / 2];
         const __half2* pb0 = reinterpret_cast<const __half2*>(&Bs[buf][kk][tx * 4]);
         b[0] = pb0[0];
@@ -1093,6 +1093,12 @@ FwdKernel fwd_kernel(const ConvGeom& g, Algo algo) {
 
 bool channels_last_order(const ConvGeom& g) { return g.xsC == 1 && g.C > 1; }
 
+// The grid of a tiled forward: row tiles along x, (group, output-channel tile) pairs along y.
+template <class Cfg>
+dim3 tiled_grid(const DevGeom& g) {
+  return dim3(grid_cap(ceil_div(g.R, Cfg::BM), kI32), grid_cap((int64_t)g.G * ceil_div(g.Og, Cfg::BN), kMaxGridY));
+}
+
 size_t fwd_workspace_plain(const ConvGeom& g) {
   const int64_t nk = ceil_div(g.K, kKtabAlign) * kKtabAlign;
   return align_up((size_t)nk * sizeof(int2)) + align_up((size_t)(g.G * g.K * g.Og) * sizeof(float));
@@ -1130,14 +1136,12 @@ cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w
     if (err != cudaSuccess) return err;
     if (fk == FwdKernel::Wide) {
       auto kern = cl ? adder_fwd_h2<true, FwdWide> : adder_fwd_h2<false, FwdWide>;
-      const dim3 grid(grid_cap(ceil_div(g.R, FwdWide::BM), kI32),
-                      grid_cap((int64_t)g.G * ceil_div(g.Og, FwdWide::BN), kMaxGridY));
-      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, xp, (const int2*)ktab, (const __half*)wh, yp, st);
+      SA_LAUNCH(kern, tiled_grid<FwdWide>(g), dim3(kThreads), stream, g, xp, (const int2*)ktab, (const __half*)wh, yp,
+                st);
     } else {
       auto kern = cl ? adder_fwd_h2<true, FwdNarrow> : adder_fwd_h2<false, FwdNarrow>;
-      const dim3 grid(grid_cap(ceil_div(g.R, FwdNarrow::BM), kI32),
-                      grid_cap((int64_t)g.G * ceil_div(g.Og, FwdNarrow::BN), kMaxGridY));
-      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, xp, (const int2*)ktab, (const __half*)wh, yp, st);
+      SA_LAUNCH(kern, tiled_grid<FwdNarrow>(g), dim3(kThreads), stream, g, xp, (const int2*)ktab, (const __half*)wh, yp,
+                st);
     }
     return cudaGetLastError();
   }
@@ -1158,14 +1162,12 @@ cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w
       SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, xp, (const int2*)ktab, (const float*)wt, yp, st);
     } else if (fk == FwdKernel::Wide) {
       auto kern = cl ? adder_fwd_tiled<T, true, FwdWide> : adder_fwd_tiled<T, false, FwdWide>;
-      const dim3 grid(grid_cap(ceil_div(g.R, FwdWide::BM), kI32),
-                      grid_cap((int64_t)g.G * ceil_div(g.Og, FwdWide::BN), kMaxGridY));
-      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, xp, (const int2*)ktab, (const float*)wt, yp, st);
+      SA_LAUNCH(kern, tiled_grid<FwdWide>(g), dim3(kThreads), stream, g, xp, (const int2*)ktab, (const float*)wt, yp,
+                st);
     } else {
       auto kern = cl ? adder_fwd_tiled<T, true, FwdNarrow> : adder_fwd_tiled<T, false, FwdNarrow>;
-      const dim3 grid(grid_cap(ceil_div(g.R, FwdNarrow::BM), kI32),
-                      grid_cap((int64_t)g.G * ceil_div(g.Og, FwdNarrow::BN), kMaxGridY));
-      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, xp, (const int2*)ktab, (const float*)wt, yp, st);
+      SA_LAUNCH(kern, tiled_grid<FwdNarrow>(g), dim3(kThreads), stream, g, xp, (const int2*)ktab, (const float*)wt, yp,
+                st);
     }
     return cudaGetLastError();
   });
