@@ -6,7 +6,7 @@
 #   STEPS="build info tests sanitizer adder shift nas"  (default: all, in this order;
 #          also "crash": the backtrace of the open quantizer bad-argument crash, and
 #          "ncu": Nsight Compute's basic set for the adder forward kernels of two benchmark shapes
-#          and the fp16x2 forward)
+#          and the fp16x2 forward; "nas-split": bench_nas with SHIFTADD_CUDA_SPLIT_K=auto)
 #   TEST_ARGS="..."  extra pytest arguments for the tests step
 # Uses the python on PATH (no virtual environment: the GPU image's torch is used as is).
 set -uo pipefail
@@ -38,12 +38,14 @@ for s in $STEPS; do
              --timeout 120 -rfE ${TEST_ARGS:-} tests ;;
     sanitizer) step sanitizer "${SAN_LIMIT:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
                  "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_adder_fp16x2.py \
-                 -k "odd_shapes_float32 or every_parameter_combination or empty or beyond_65535 or quantizers or test_cuda_" ;;
+                 -k "odd_shapes_float32 or every_parameter_combination or empty or beyond_65535 or quantizers or test_cuda_ or split_k_nan or (split_k_conv and float32 and 7)" ;;
     adder) step adder "${ADDER_LIMIT:-240}" "$PY" benchmarks/bench_adder.py --device cuda --json "$LOGS/bench_adder.json" ;;
     # the layer rows go through `auto`, which skips kernels in GPU_NOT_YET_RUN (the quantizers
     # after their out_dtype rewrite): force the cuda backend so those rows time its kernels
     shift) step shift "${SHIFT_LIMIT:-150}" env SHIFTADD_BACKEND=cuda "$PY" benchmarks/bench_shift.py --device cuda ;;
     nas) step nas "${NAS_LIMIT:-360}" "$PY" benchmarks/bench_nas.py --device cuda ;;
+    # the end-to-end rows again with the adder reduction splits on (SHIFTADD_CUDA_SPLIT_K, not yet the default)
+    nas-split) step nas-split "${NAS_LIMIT:-360}" env SHIFTADD_CUDA_SPLIT_K=auto "$PY" benchmarks/bench_nas.py --device cuda ;;
     crash) step crash 120 bash -c "readelf -x .eh_frame_hdr shiftadd/_C*.so | sed -n 3p; \
              TORCH_SHOW_CPP_STACKTRACES=1 $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'; \
              cuda-gdb -batch -ex run -ex bt --args $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'" ;;

@@ -3,6 +3,7 @@ device for each operator, and why the others do not."""
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -26,6 +27,9 @@ def report() -> str:
         lines.append(f"compiled extension: loaded from {c.__file__}")
         lines.append(f"  CPU kernels: instruction set {c.cpu_isa()} (supported here: {', '.join(c.cpu_isas())})")
         lines.append(f"  CUDA kernels: {'built' if c.with_cuda else 'not built'}")
+        if c.with_cuda:
+            split = os.environ.get("SHIFTADD_CUDA_SPLIT_K") or "off (default until the split kernels run on a GPU)"
+            lines.append(f"  CUDA adder reduction splits (SHIFTADD_CUDA_SPLIT_K = auto | off | N): {split}")
     else:
         lines.append(f"compiled extension: NOT loaded: {_dispatch._C_ERROR}")
     lines.append(f"forced backend: {_dispatch.forced_backend()} (SHIFTADD_BACKEND / shiftadd.use_backend)")

@@ -3,7 +3,7 @@ build of shiftadd._C).
 
 tests/test_adder.py and tests/test_shift.py already run every usable backend on random
 cases; these add what is specific to csrc/cuda: each kernel path (tiled and direct,
-forced with SHIFTADD_CUDA_ALGO), shapes past every tile size, every conv parameter
+forced with SHIFTADD_CUDA_ALGO; reduction splits with SHIFTADD_CUDA_SPLIT_K), shapes past every tile size, every conv parameter
 combination, the three dtypes, memory formats, empty sizes, NaN / Inf, the 32-bit
 index limits, determinism, grids beyond 65535 blocks, and the quantizers bit for bit
 (float64 included).
@@ -161,11 +161,7 @@ def test_conv_every_parameter_combination(stride, padding, dilation, groups, mod
     run_conv(x, w, args, mode, torch.float32, f"conv s{stride} p{padding} d{dilation} g{groups} {algo}")
 
 
-@pytest.mark.parametrize("algo", ALGOS, indirect=True)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", [
+CONV_CASES = [
     # x, weight, stride, padding, dilation, groups: past every tile (Og > 32, Cg > 32, K % 8 != 0)
     ((2, 34, 11, 13), (40, 34, 3, 3), (1, 1), (1, 1), (1, 1), 1),
     ((3, 12, 15, 9), (18, 4, 3, 3), (2, 1), (1, 0), (1, 2), 3),
@@ -173,7 +169,18 @@ def test_conv_every_parameter_combination(stride, padding, dilation, groups, mod
     ((2, 70, 9, 7), (130, 35, 2, 3), (1, 2), (0, 1), (2, 1), 2),
     ((4, 5, 17, 6), (33, 5, 1, 1), (1, 1), (0, 0), (1, 1), 1),
     ((2, 3, 7, 7), (64, 3, 7, 7), (2, 2), (3, 3), (1, 1), 1),
-], ids=lambda c: f"x{c[0]}w{c[1]}s{c[2]}p{c[3]}d{c[4]}g{c[5]}")
+]
+
+
+def conv_case_id(c):
+    return f"x{c[0]}w{c[1]}s{c[2]}p{c[3]}d{c[4]}g{c[5]}"
+
+
+@pytest.mark.parametrize("algo", ALGOS, indirect=True)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
 def test_conv_paths_dtypes_layouts(case, mode, dtype, layout, algo):
     xs, ws, stride, padding, dilation, groups = case
     x = make(xs, dtype, layout)
@@ -223,6 +230,73 @@ def test_grid_beyond_65535_blocks():
                     check(y[:, c], ref_op("adder_conv2d")(xs, ws, *args, 7, mode), torch.float32, what)
                     check(dx[:, c], ref_op("adder_conv2d_grad_input")(gs, xs, ws, *args, 7, mode), torch.float32, what)
                     check(dw[c], ref_op("adder_conv2d_grad_weight")(gs, xs, ws, *args, 7, mode), torch.float32, what)
+
+
+# --------------------------------------------------------------------------------------
+# split-K (SHIFTADD_CUDA_SPLIT_K): the tiled forward and grad input summed in reduction
+# splits, auto (few tiles for the SMs) or forced; 100 exceeds every case's stage count
+# --------------------------------------------------------------------------------------
+
+SPLITS = ["auto", "2", "7", "100"]
+
+
+@pytest.fixture
+def split_k(request, monkeypatch):
+    monkeypatch.setenv("SHIFTADD_CUDA_SPLIT_K", request.param)
+    monkeypatch.setenv("SHIFTADD_CUDA_ALGO", "tiled")
+    return request.param
+
+
+@pytest.mark.parametrize("split_k", SPLITS, indirect=True)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CONV_CASES + [
+    ((16, 64, 8, 8), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 1),     # ResNet-20 stage 3: 16 tiles
+    ((4, 256, 14, 14), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), 1),  # ResNet-50 stage 3
+], ids=conv_case_id)
+def test_split_k_conv(case, mode, dtype, layout, split_k):
+    xs, ws, stride, padding, dilation, groups = case
+    x = make(xs, dtype, layout)
+    w = make(ws, dtype)
+    run_conv(x, w, (list(stride), list(padding), list(dilation), groups), mode, dtype,
+             f"conv {case} {layout} split {split_k}")
+
+
+@pytest.mark.parametrize("split_k", SPLITS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k", [(1, 1000, 127), (3, 127, 1000), (127, 3, 1000), (130, 129, 301), (64, 64, 4096)])
+def test_split_k_linear(m, n, k, dtype, split_k):
+    for mode in MODES:  # (3, 127, 1000): the transposed small-batch path
+        run_linear(make((m, k), dtype, "strided"), make((n, k), dtype), mode, dtype, f"linear split {split_k}")
+
+
+@pytest.mark.parametrize("split_k", ["auto", "3"], indirect=True)
+def test_split_k_nan_inf_and_determinism(split_k):
+    x, w = make((2, 40, 9, 9), torch.float32), make((48, 40, 3, 3), torch.float32)
+    x[0, 1, 2, 2] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    w[5, 1, -1, -1] = float("inf")
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    for mode in MODES:
+        y = cuda_op("adder_conv2d")(x, w, *args, mode)
+        yr = ref_op("adder_conv2d")(x.double(), w.double(), *args, mode)
+        g = torch.randn(yr.shape, device=DEV)
+        dx = cuda_op("adder_conv2d_grad_input")(g, x, w, *args, mode)
+        dxr = ref_op("adder_conv2d_grad_input")(g.double(), x.double(), w.double(), *args, mode)
+        for a, b in ((y, yr), (dx, dxr)):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), mode
+            fin = b.isfinite()
+            torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-3)
+        assert torch.equal(y, cuda_op("adder_conv2d")(x, w, *args, mode))
+        assert torch.equal(dx, cuda_op("adder_conv2d_grad_input")(g, x, w, *args, mode))
+
+
+def test_split_k_setting_is_checked(monkeypatch):
+    x, w = make((2, 8, 5, 5), torch.float32), make((4, 8, 3, 3), torch.float32)
+    monkeypatch.setenv("SHIFTADD_CUDA_SPLIT_K", "many")
+    with pytest.raises(RuntimeError, match="SHIFTADD_CUDA_SPLIT_K must be auto, off or a number"):
+        cuda_op("adder_conv2d")(x, w, [1, 1], [1, 1], [1, 1], 1, "addernet")
 
 
 # --------------------------------------------------------------------------------------

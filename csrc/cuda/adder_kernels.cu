@@ -25,6 +25,10 @@
 //   adder_gw_tiled    64x64 tile of (o, k), 4x4 per thread, rows split over blocks into
 //                     float32 partial sums, adder_gw_reduce adds them in a fixed order
 //   adder_gw_direct   one block per (o, k), fixed-order tree reduction
+//   adder_split_reduce  the reduction splits (split-K) of the tiled forward and grad input:
+//                     when the output tiles alone leave SMs idle, S blocks per tile each sum
+//                     a range of the reduction stages into float32 partial sums, and this
+//                     kernel adds them in split order (KSplit, k_split)
 // All accumulate in float32 (adder_fwd_h2: in float16 partial sums of 16 terms, then float32).
 // Results are deterministic (no atomics anywhere).
 //
@@ -358,13 +362,38 @@ __device__ __forceinline__ void store_tile(const DevGeom& g, T* __restrict__ y, 
   }
 }
 
+// Split-K: writes a thread's 8 x TN float32 partial sums acc (same rows and columns as
+// store_tile; columns c0 + ... of group gi, c < Cg) to part[r * rs + (gi * Cg + c) * cs],
+// skipping rows past nrows.
+template <class Cfg>
+__device__ __forceinline__ void store_partial(float* __restrict__ part, long long rs, long long cs, int nrows,
+                                              int Cg, int m0, int c0, int gi, int ty, int tx,
+                                              const float (&acc)[8][Cfg::TN]) {
+#pragma unroll
+  for (int i = 0; i < 8; i++) {
+    const int r = m0 + (i < 4 ? ty * 4 + i : Cfg::BM / 2 + ty * 4 + (i - 4));
+    if (r < nrows) {
+#pragma unroll
+      for (int j = 0; j < Cfg::TN; j++) {
+        const int c = c0 + (j < 4 ? tx * 4 + j : Cfg::BN / 2 + tx * 4 + (j - 4));
+        if (c < Cg) part[r * rs + (long long)(gi * Cg + c) * cs] = acc[i][j];
+      }
+    }
+  }
+}
+
 // Y tile [m0, m0 + BM) x [o0, o0 + BN) of group gi for every (gi, o-tile) assigned to
 // this block.  CL selects the global->shared mapping: threads along rows (NCHW x, k
 // order (c, i, j)) or along columns (channels-last x, k order (i, j, c)).
+// Split-K (part != nullptr): this block sums stages [z tps, (z + 1) tps), z = blockIdx.z,
+// and writes the positive partial sums to part (slice z of R x O floats, row stride prs,
+// column stride pcs) for adder_split_reduce; otherwise tps >= the stage count and the
+// block writes -acc to y.
 template <typename T, bool CL, class Cfg>
 __global__ void __launch_bounds__(kThreads, 2)
     adder_fwd_tiled(const DevGeom g, const T* __restrict__ x, const int2* __restrict__ ktab,
-                    const float* __restrict__ wt, T* __restrict__ y, const Strides4 ys) {
+                    const float* __restrict__ wt, T* __restrict__ y, const Strides4 ys, float* __restrict__ part,
+                    int tps, long long prs, long long pcs) {
   using S = FwdTile<Cfg, CL>;
   constexpr int BM = S::BM, BN = S::BN, TN = S::TN, BK = S::BK, AE = S::AE, BE = S::BE, TX = S::TX,
                 RSTEP = S::RSTEP;
@@ -377,6 +406,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int m0 = blockIdx.x * BM;
   const int nT = (g.K + BK - 1) / BK;
   const int nOt = (g.Og + BN - 1) / BN;
+  const int t0 = blockIdx.z * tps;  // this block's stages [t0, t1)
+  const int t1 = t0 + tps < nT ? t0 + tps : nT;
 
   // A loader: element q of this thread is (row a_m + q * RSTEP, column a_k) if CL,
   // else (row a_m, column a_k + q).  Per row: offset of its tap (0, 0) in x (may lie
@@ -455,21 +486,25 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     };
 
-    load(0, 0);
+    load(t0, 0);
     cp_async_commit();
     store_a(0);
-    for (int t = 0; t < nT; t++) {
-      const int buf = t & 1;
-      if (t + 1 < nT) load(t + 1, buf ^ 1);
+    for (int t = t0; t < t1; t++) {
+      const int buf = (t - t0) & 1;
+      if (t + 1 < t1) load(t + 1, buf ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
       __syncthreads();  // stage t complete and visible
       compute(buf);
-      if (t + 1 < nT) store_a(buf ^ 1);
+      if (t + 1 < t1) store_a(buf ^ 1);
       __syncthreads();  // stage t consumed: its buffer may be refilled
     }
 
-    store_tile<Cfg>(g, y, ys, m0, o0, gi, ty, tx, acc);
+    if (part == nullptr) {
+      store_tile<Cfg>(g, y, ys, m0, o0, gi, ty, tx, acc);
+    } else {
+      store_partial<Cfg>(part + (long long)blockIdx.z * g.R * g.O, prs, pcs, g.R, g.Og, m0, o0, gi, ty, tx, acc);
+    }
   }
 }
 
@@ -671,11 +706,14 @@ __device__ __forceinline__ TapHit tap_hit(const DevGeom& g, int n, int iy, int i
 // So a block whose x values are finite, with finite weights (flag *wbad == 0, set by
 // the weight packing), runs unmasked; otherwise the stage rows flagged invalid in Vf are
 // skipped term by term, so that a NaN never meets a term that is not in the definition.
+// Split-K (part != nullptr): this block sums stages [z tps, (z + 1) tps), z = blockIdx.z,
+// into part (slice z of P x C floats, row stride prs, column stride pcs) for
+// adder_split_reduce; otherwise tps >= the stage count and the block writes dx.
 template <typename T, bool EXACT, class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
     adder_gin_tiled(const DevGeom g, const float* __restrict__ gt, const T* __restrict__ x,
                     const float* __restrict__ wt2, const int* __restrict__ wbad, T* __restrict__ dx,
-                    const Strides4 dxs) {
+                    const Strides4 dxs, float* __restrict__ part, int tps, long long prs, long long pcs) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, TN = Cfg::TN, BK = kBK;
   constexpr int AE = BM * BK / kThreads;
   constexpr int BE = BN * BK / kThreads;
@@ -692,6 +730,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int p0 = blockIdx.x * BM;
   const int nOc = (g.Og + BK - 1) / BK;
   const int nT = g.khw * nOc;
+  const int t0 = blockIdx.z * tps;  // this block's stages [t0, t1)
+  const int t1 = t0 + tps < nT ? t0 + tps : nT;
   const int nCt = (g.Cg + BN - 1) / BN;
   const bool w_finite = EXACT || *wbad == 0;
 
@@ -727,8 +767,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // the stage pipeline; masked: skip the terms of the rows flagged invalid
     auto run = [&](auto masked) {
-      int ld_tap = 0, ld_oc = 0;  // next stage to load
-      TapHit hit{false, 0};
+      int ld_tap = t0 / nOc, ld_oc = t0 - (t0 / nOc) * nOc;  // next stage to load
+      TapHit hit = tap_hit(g, lpos.n, lpos.oy, lpos.ox, ld_tap);  // (a split may start inside a tap)
+      hit.ok = hit.ok && lrow;
       auto load = [&](int buf) {
         if (ld_oc == 0) {
           hit = tap_hit(g, lpos.n, lpos.oy, lpos.ox, ld_tap);
@@ -788,9 +829,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       load(0);
       cp_async_commit();
-      for (int t = 0; t < nT; t++) {
-        const int buf = t & 1;
-        if (t + 1 < nT) load(buf ^ 1);
+      for (int t = t0; t < t1; t++) {
+        const int buf = (t - t0) & 1;
+        if (t + 1 < t1) load(buf ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();  // stage t complete and visible
@@ -808,6 +849,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
+    if (part != nullptr) {
+      store_partial<Cfg>(part + (long long)blockIdx.z * g.P * g.C, prs, pcs, g.P, g.Cg, p0, c0, gi, ty, tx, acc);
+      continue;
+    }
 #pragma unroll
     for (int i = 0; i < 8; i++) {
       const int p = p0 + (i < 4 ? ty * 4 + i : BM / 2 + ty * 4 + (i - 4));
@@ -990,6 +1035,31 @@ __global__ void adder_gw_reduce(const float* __restrict__ part, int S, long long
   }
 }
 
+// Split-K of the tiled forward and grad input: out[row, col] = sgn * sum_s part[s][row, col],
+// s in order from 0 (deterministic).  part: S slices of nrows x ncols floats, rows fastest
+// if rfast (the layout the output's strides favour), else columns.  Rows are output rows r
+// (forward, POS = false: decode_row, sgn = -1) or input positions p (grad input, POS =
+// true: decode_pos, sgn = +1); column col is at col * os.c.
+template <typename T, bool POS>
+__global__ void adder_split_reduce(const DevGeom g, const float* __restrict__ part, int S, int nrows, int ncols,
+                                   int rfast, float sgn, T* __restrict__ out, const Strides4 os) {
+  const long long n = (long long)nrows * ncols;
+  for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+    long long r, c;
+    if (rfast) {
+      c = e / nrows;
+      r = e - c * nrows;
+    } else {
+      r = e / ncols;
+      c = e - r * ncols;
+    }
+    float sum = 0.f;
+    for (int z = 0; z < S; z++) sum += part[z * n + e];
+    const RowPos q = POS ? decode_pos(g, (int)r) : decode_row(g, (int)r);
+    out[q.n * os.n + q.oy * os.h + q.ox * os.w + c * os.c] = from_f<T>(sgn * sum);
+  }
+}
+
 // One block per weight element (o, k): the threads stride over the rows, then a
 // fixed-order tree reduction.
 template <typename T>
@@ -1093,29 +1163,87 @@ FwdKernel fwd_kernel(const ConvGeom& g, Algo algo) {
 
 bool channels_last_order(const ConvGeom& g) { return g.xsC == 1 && g.C > 1; }
 
-// The grid of a tiled forward: row tiles along x, (group, output-channel tile) pairs along y.
+// The grid of a tiled forward: row tiles along x, (group, output-channel tile) pairs along
+// y, reduction splits along z.
 template <class Cfg>
-dim3 tiled_grid(const DevGeom& g) {
-  return dim3(grid_cap(ceil_div(g.R, Cfg::BM), kI32), grid_cap((int64_t)g.G * ceil_div(g.Og, Cfg::BN), kMaxGridY));
+dim3 tiled_grid(const DevGeom& g, int splits = 1) {
+  return dim3(grid_cap(ceil_div(g.R, Cfg::BM), kI32), grid_cap((int64_t)g.G * ceil_div(g.Og, Cfg::BN), kMaxGridY),
+              (unsigned)splits);
 }
 
-size_t fwd_workspace_plain(const ConvGeom& g) {
+// Reduction splits (split-K) of the tiled forward and grad input.  A block sums its tile
+// over all stages (BK-column steps of the reduction); when there are fewer tiles than
+// `resident` blocks per SM times the SMs, the SMs left idle cost the most: the ResNet-20
+// layers of 64 channels on 8x8 (8192 rows) are 64 forward tiles, the ResNet-50 stage-3
+// layer (6272 rows, 256 channels) 98, on an H100's 132 SMs.  Then S blocks share each
+// tile, block z summing stages [z tps, (z + 1) tps) into float32 partial sums that
+// adder_split_reduce adds in split order: deterministic, but rounded differently from
+// one block summing all stages (within float32 accumulation error).
+// split_k (the launchers' argument): < 0 this rule; 0 or 1 no split; N > 1 at most N.
+struct KSplit {
+  int S, tps;  // splits, stages per split
+};
+constexpr int kMinSplitStages = 8;  // the rule keeps >= 8 stages (64 reduction columns) per split
+constexpr int kMaxAutoSplits = 16;
+KSplit k_split(int64_t tiles, int64_t stages, int64_t out_elems, int resident, int split_k) {
+  int64_t S = 1;
+  if (split_k > 1) {
+    S = split_k;
+  } else if (split_k < 0) {
+    const int64_t target = (int64_t)resident * num_sms();
+    if (tiles > 0 && tiles < target) {
+      S = ceil_div(target, tiles);
+      S = S > stages / kMinSplitStages ? stages / kMinSplitStages : S;
+      S = S > kMaxAutoSplits ? kMaxAutoSplits : S;
+    }
+  }
+  S = S > stages ? stages : S;
+  const int64_t cap = ((int64_t)1 << 26) / (out_elems > 0 ? out_elems : 1);  // partial sums <= 256 MB
+  S = S > cap ? cap : S;
+  S = S > 65535 ? 65535 : S;  // grid z
+  if (S <= 1) return KSplit{1, (int)stages};
+  const int64_t tps = ceil_div(stages, S);
+  return KSplit{(int)ceil_div(stages, tps), (int)tps};
+}
+
+
+// The split of the float32-accumulating tiled forward (none for the direct and fp16x2
+// kernels: fp16x2's chunked sums are defined over the whole reduction in order).
+KSplit fwd_split(const ConvGeom& g, Algo algo, int split_k) {
+  const int64_t stages = ceil_div(g.K, kBK), R = g.N * g.Ho * g.Wo;
+  const FwdKernel fk = fwd_kernel(g, algo);
+  if (algo == Algo::Fp16x2 || fk == FwdKernel::Direct || R == 0 || g.Og == 0) return KSplit{1, (int)stages};
+  const int bm = fk == FwdKernel::Wide ? FwdWide::BM : FwdNarrow::BM;
+  const int bn = fk == FwdKernel::Wide ? FwdWide::BN : FwdNarrow::BN;
+  const int64_t tiles = ceil_div(R, bm) * g.G * ceil_div(g.Og, bn);
+  return k_split(tiles, stages, R * g.O, 2, split_k);  // 2: __launch_bounds__(kThreads, 2)
+}
+
+size_t fwd_workspace_plain(const ConvGeom& g, const KSplit& sp) {
   const int64_t nk = ceil_div(g.K, kKtabAlign) * kKtabAlign;
-  return align_up((size_t)nk * sizeof(int2)) + align_up((size_t)(g.G * g.K * g.Og) * sizeof(float));
+  const size_t part = sp.S > 1 ? align_up((size_t)sp.S * (size_t)(g.N * g.Ho * g.Wo * g.O) * sizeof(float)) : 0;
+  return align_up((size_t)nk * sizeof(int2)) + align_up((size_t)(g.G * g.K * g.Og) * sizeof(float)) + part;
 }
 
 cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w, int64_t wsO, int64_t wsK, void* y,
-                      const int64_t* ys, void* ws, size_t ws_bytes, Algo algo, cudaStream_t stream) {
+                      const int64_t* ys, void* ws, size_t ws_bytes, Algo algo, int split_k, cudaStream_t stream) {
   if (cg.N * cg.Ho * cg.Wo == 0 || cg.Og == 0 || cg.G == 0) return cudaSuccess;
   if (cg.K <= 0) return cudaErrorInvalidValue;
-  if (ws_bytes < fwd_workspace_plain(cg) || ws == nullptr) return cudaErrorInvalidValue;
+  const KSplit sp = fwd_split(cg, algo, split_k);
+  if (ws_bytes < fwd_workspace_plain(cg, sp) || ws == nullptr) return cudaErrorInvalidValue;
   if (algo == Algo::Fp16x2 && dt != DType::Float16) return cudaErrorInvalidValue;
   const DevGeom g = make_dev_geom(cg);
   const bool cl = channels_last_order(cg);
   const int nk = (int)(ceil_div(cg.K, kKtabAlign) * kKtabAlign);
   int2* ktab = static_cast<int2*>(ws);
   float* wt = reinterpret_cast<float*>(static_cast<char*>(ws) + align_up((size_t)nk * sizeof(int2)));
+  float* part = sp.S > 1 ? reinterpret_cast<float*>(reinterpret_cast<char*>(wt) +
+                                                    align_up((size_t)(cg.G * cg.K * cg.Og) * sizeof(float)))
+                         : nullptr;
   const Strides4 st = make_strides(ys);
+  // partial sums laid out like y: rows fastest unless y's channel stride is 1
+  const bool rfast = st.c != 1;
+  const long long prs = rfast ? 1 : cg.O, pcs = rfast ? g.R : 1;
   {
     auto kern = adder_prep_ktab;
     SA_LAUNCH(kern, dim3(ew_blocks(nk)), dim3(kThreads), stream, g, ktab, nk, cl ? 1 : 0);
@@ -1162,12 +1290,19 @@ cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w
       SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, xp, (const int2*)ktab, (const float*)wt, yp, st);
     } else if (fk == FwdKernel::Wide) {
       auto kern = cl ? adder_fwd_tiled<T, true, FwdWide> : adder_fwd_tiled<T, false, FwdWide>;
-      SA_LAUNCH(kern, tiled_grid<FwdWide>(g), dim3(kThreads), stream, g, xp, (const int2*)ktab, (const float*)wt, yp,
-                st);
+      SA_LAUNCH(kern, tiled_grid<FwdWide>(g, sp.S), dim3(kThreads), stream, g, xp, (const int2*)ktab,
+                (const float*)wt, yp, st, part, sp.tps, prs, pcs);
     } else {
       auto kern = cl ? adder_fwd_tiled<T, true, FwdNarrow> : adder_fwd_tiled<T, false, FwdNarrow>;
-      SA_LAUNCH(kern, tiled_grid<FwdNarrow>(g), dim3(kThreads), stream, g, xp, (const int2*)ktab, (const float*)wt, yp,
-                st);
+      SA_LAUNCH(kern, tiled_grid<FwdNarrow>(g, sp.S), dim3(kThreads), stream, g, xp, (const int2*)ktab,
+                (const float*)wt, yp, st, part, sp.tps, prs, pcs);
+    }
+    e = cudaGetLastError();
+    if (e != cudaSuccess || part == nullptr) return e;
+    {
+      auto kern = adder_split_reduce<T, false>;
+      SA_LAUNCH(kern, dim3(ew_blocks((int64_t)g.R * cg.O)), dim3(kThreads), stream, g, (const float*)part, sp.S, g.R,
+                (int)cg.O, rfast ? 1 : 0, -1.f, yp, st);
     }
     return cudaGetLastError();
   });
@@ -1177,6 +1312,17 @@ enum class GinKernel { Direct, Wide, Narrow };
 GinKernel gin_kernel(const ConvGeom& g, Algo algo) {
   if (algo == Algo::Direct || (algo == Algo::Auto && (g.Cg < 16 || g.Og < 4))) return GinKernel::Direct;
   return g.Cg > 32 ? GinKernel::Wide : GinKernel::Narrow;
+}
+
+// The split of the tiled grad input (KSplit): stages are (tap, chunk of 8 output channels).
+KSplit gin_split(const ConvGeom& g, Algo algo, int split_k) {
+  const int64_t stages = g.kh * g.kw * ceil_div(g.Og, kBK), P = g.N * g.H * g.W;
+  const GinKernel gk = gin_kernel(g, algo);
+  if (gk == GinKernel::Direct || P == 0 || stages == 0) return KSplit{1, (int)stages};
+  const int bm = gk == GinKernel::Wide ? GinWide::BM : GinNarrow::BM;
+  const int bn = gk == GinKernel::Wide ? GinWide::BN : GinNarrow::BN;
+  const int64_t tiles = ceil_div(P, bm) * g.G * ceil_div(g.Cg, bn);
+  return k_split(tiles, stages, P * g.C, 1, split_k);  // 1: __launch_bounds__(kThreads, 1), 152-192 registers
 }
 
 enum class GwKernel { Direct, Tiled };
@@ -1240,43 +1386,49 @@ const char* adder_check_sizes(const ConvGeom& g) {
   return nullptr;
 }
 
-size_t adder_forward_workspace(const ConvGeom& g, Algo algo) {
-  (void)algo;
+size_t adder_forward_workspace(const ConvGeom& g, Algo algo, int split_k) {
   if (swap_linear(g)) {
     int64_t xs_w[2];
-    return fwd_workspace_plain(swapped(g, xs_w));
+    const ConvGeom s = swapped(g, xs_w);
+    return fwd_workspace_plain(s, fwd_split(s, algo, split_k));
   }
-  return fwd_workspace_plain(g);
+  return fwd_workspace_plain(g, fwd_split(g, algo, split_k));
 }
 
 cudaError_t adder_forward(const ConvGeom& g, DType dt, const void* x, const void* w, void* y, const int64_t* ys,
-                          void* workspace, size_t workspace_bytes, Algo algo, cudaStream_t stream) {
+                          void* workspace, size_t workspace_bytes, Algo algo, int split_k, cudaStream_t stream) {
   if (adder_check_sizes(g) != nullptr) return cudaErrorInvalidValue;
   if (swap_linear(g)) {
     int64_t xs_w[2];
     const ConvGeom s = swapped(g, xs_w);
     const int64_t ys2[4] = {ys[1], ys[0], 0, 0};
-    return fwd_plain(s, dt, w, x, xs_w[0], xs_w[1], y, ys2, workspace, workspace_bytes, algo, stream);
+    return fwd_plain(s, dt, w, x, xs_w[0], xs_w[1], y, ys2, workspace, workspace_bytes, algo, split_k, stream);
   }
-  return fwd_plain(g, dt, x, w, g.K, 1, y, ys, workspace, workspace_bytes, algo, stream);
+  return fwd_plain(g, dt, x, w, g.K, 1, y, ys, workspace, workspace_bytes, algo, split_k, stream);
 }
 
-size_t adder_grad_input_workspace(const ConvGeom& g, Algo algo) {
-  (void)algo;
-  return align_up((size_t)(g.O * g.K) * sizeof(float)) + align_up(sizeof(int));
+size_t adder_grad_input_workspace(const ConvGeom& g, Algo algo, int split_k) {
+  const KSplit sp = gin_split(g, algo, split_k);
+  const size_t part = sp.S > 1 ? align_up((size_t)sp.S * (size_t)(g.N * g.H * g.W * g.C) * sizeof(float)) : 0;
+  return align_up((size_t)(g.O * g.K) * sizeof(float)) + align_up(sizeof(int)) + part;
 }
 
 cudaError_t adder_grad_input(const ConvGeom& cg, DType dt, bool exact, const float* gt, const void* x, const void* w,
                              void* dx, const int64_t* dxs, void* workspace, size_t workspace_bytes, Algo algo,
-                             cudaStream_t stream) {
+                             int split_k, cudaStream_t stream) {
   if (adder_check_sizes(cg) != nullptr) return cudaErrorInvalidValue;
   if (cg.N * cg.H * cg.W == 0 || cg.C == 0) return cudaSuccess;
   if (cg.N * cg.Ho * cg.Wo == 0 || cg.Og == 0) return cudaErrorInvalidValue;  // caller returns zeros
-  if (workspace == nullptr || workspace_bytes < adder_grad_input_workspace(cg, algo)) return cudaErrorInvalidValue;
+  if (workspace == nullptr || workspace_bytes < adder_grad_input_workspace(cg, algo, split_k))
+    return cudaErrorInvalidValue;
   const DevGeom g = make_dev_geom(cg);
   float* wt2 = static_cast<float*>(workspace);
   int* wbad = reinterpret_cast<int*>(static_cast<char*>(workspace) + align_up((size_t)(cg.O * cg.K) * sizeof(float)));
+  const KSplit sp = gin_split(cg, algo, split_k);
+  float* part = sp.S > 1 ? reinterpret_cast<float*>(reinterpret_cast<char*>(wbad) + align_up(sizeof(int))) : nullptr;
   const Strides4 st = make_strides(dxs);
+  const bool rfast = st.c != 1;  // partial sums laid out like dx
+  const long long prs = rfast ? 1 : cg.C, pcs = rfast ? g.P : 1;
   const GinKernel gk = gin_kernel(cg, algo);
   cudaError_t err = cudaMemsetAsync(wbad, 0, sizeof(int), stream);
   if (err != cudaSuccess) return err;
@@ -1297,13 +1449,22 @@ cudaError_t adder_grad_input(const ConvGeom& cg, DType dt, bool exact, const flo
     } else if (gk == GinKernel::Wide) {
       auto kern = exact ? adder_gin_tiled<T, true, GinWide> : adder_gin_tiled<T, false, GinWide>;
       const dim3 grid(grid_cap(ceil_div(g.P, GinWide::BM), kI32),
-                      grid_cap((int64_t)g.G * ceil_div(g.Cg, GinWide::BN), kMaxGridY));
-      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, (const int*)wbad, dxp, st);
+                      grid_cap((int64_t)g.G * ceil_div(g.Cg, GinWide::BN), kMaxGridY), (unsigned)sp.S);
+      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, (const int*)wbad, dxp, st, part,
+                sp.tps, prs, pcs);
     } else {
       auto kern = exact ? adder_gin_tiled<T, true, GinNarrow> : adder_gin_tiled<T, false, GinNarrow>;
       const dim3 grid(grid_cap(ceil_div(g.P, GinNarrow::BM), kI32),
-                      grid_cap((int64_t)g.G * ceil_div(g.Cg, GinNarrow::BN), kMaxGridY));
-      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, (const int*)wbad, dxp, st);
+                      grid_cap((int64_t)g.G * ceil_div(g.Cg, GinNarrow::BN), kMaxGridY), (unsigned)sp.S);
+      SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, (const int*)wbad, dxp, st, part,
+                sp.tps, prs, pcs);
+    }
+    e = cudaGetLastError();
+    if (e != cudaSuccess || part == nullptr || gk == GinKernel::Direct) return e;
+    {
+      auto kern = adder_split_reduce<T, true>;
+      SA_LAUNCH(kern, dim3(ew_blocks((int64_t)g.P * cg.C)), dim3(kThreads), stream, g, (const float*)part, sp.S, g.P,
+                (int)cg.C, rfast ? 1 : 0, 1.f, dxp, st);
     }
     return cudaGetLastError();
   });

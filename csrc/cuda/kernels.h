@@ -53,11 +53,14 @@ const char* adder_check_sizes(const ConvGeom& g);
 // Adder forward.  x: dtype dt, strides g.xs*; w: contiguous (O, Cg, kh, kw), dtype dt;
 // y: dtype dt, element strides ys = {n, o, oy, ox} (linear: {n, o, 0, 0}).  Requires
 // g.K > 0 (the caller fills y with zeros when K == 0); nothing is launched when R or
-// Og is 0.  Workspace: adder_forward_workspace(g, algo) bytes of device memory, aligned
-// to 256 bytes (a packed weight copy and the im2col column table).
-size_t adder_forward_workspace(const ConvGeom& g, Algo algo);
+// Og is 0.  Workspace: adder_forward_workspace(g, algo, split_k) bytes of device memory,
+// aligned to 256 bytes (a packed weight copy, the im2col column table, split partial sums).
+// split_k: reduction splits of the tiled float32-accumulating forward when its tiles alone
+// leave SMs idle: < 0 by the rule of k_split (adder_kernels.cu), 0 or 1 never, N > 1 at
+// most N.  Deterministic either way; the sums' rounding differs with the split.
+size_t adder_forward_workspace(const ConvGeom& g, Algo algo, int split_k);
 cudaError_t adder_forward(const ConvGeom& g, DType dt, const void* x, const void* w, void* y, const int64_t* ys,
-                          void* workspace, size_t workspace_bytes, Algo algo, cudaStream_t stream);
+                          void* workspace, size_t workspace_bytes, Algo algo, int split_k, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------
 // Adder grad input (gather formulation, no atomics: each output element of dx is
@@ -65,11 +68,11 @@ cudaError_t adder_forward(const ConvGeom& g, DType dt, const void* x, const void
 // gt: grad_out as float32, contiguous (O, R) (row o = output channel, column r = n Ho Wo
 // position); x, w as for the forward; dx: dtype dt, element strides dxs = {n, c, y, x}
 // (linear: {n, c, 0, 0}).  exact: sign instead of hardtanh.  Requires R > 0 and
-// Og > 0 (the caller returns zeros otherwise).
-size_t adder_grad_input_workspace(const ConvGeom& g, Algo algo);
+// Og > 0 (the caller returns zeros otherwise).  split_k as for the forward (tiled kernel).
+size_t adder_grad_input_workspace(const ConvGeom& g, Algo algo, int split_k);
 cudaError_t adder_grad_input(const ConvGeom& g, DType dt, bool exact, const float* gt, const void* x, const void* w,
                              void* dx, const int64_t* dxs, void* workspace, size_t workspace_bytes, Algo algo,
-                             cudaStream_t stream);
+                             int split_k, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------
 // Adder grad weight, exact (sign) mode.  Deterministic: rows are split across blocks
