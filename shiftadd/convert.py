@@ -25,6 +25,8 @@ def _candidates(model: nn.Module):
     order (depth-first, as model.modules() lists them); a layer used in several places is
     listed once, with all of them.  Exact types only: subclasses may carry other semantics."""
     out, index, walked = [], {}, set()
+    if type(model) in (nn.Conv2d, nn.Linear):  # the model is itself one layer (no place: it is returned)
+        return [([], model)]
 
     def walk(parent):
         if id(parent) in walked:  # a shared block: its attributes were recorded once, for all its uses
@@ -107,7 +109,9 @@ def convert(model: nn.Module, to: str = "shift", skip_first: bool = True, skip_l
     layer_kwargs: passed to the new layers: mode, weight_bits, act_bits, rounding
         (shift); eta, grad_mode (adder).
 
-    Returns (model, number of layers replaced).
+    Returns (model, number of layers replaced); a model that is itself an nn.Conv2d /
+    nn.Linear is the first and the last layer: with skip_first=False and skip_last=False
+    it is returned converted.
     """
     if to not in TARGETS:
         raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
@@ -129,10 +133,12 @@ def convert(model: nn.Module, to: str = "shift", skip_first: bool = True, skip_l
     kinds = {"conv": nn.Conv2d, "linear": nn.Linear}
     chosen = [i for i in chosen if any(type(cands[i][1]) is kinds[k] for k in layers)]
     if depth is not None:
-        chosen = chosen[len(chosen) - depth:] if depth else []
+        chosen = chosen[max(0, len(chosen) - depth):] if depth else []
     for i in chosen:
         places, child = cands[i]
         new = _make(child, to, from_weights, layer_kwargs)
+        if not places:  # the model itself
+            return new, 1
         for parent, name in places:  # a shared layer stays shared
             setattr(parent, name, new)
     return model, len(chosen)

@@ -412,6 +412,8 @@ def adaptive_grad_scale(weight: torch.Tensor, eta: Optional[float]) -> torch.Ten
 
 
 class _EtaScale(torch.autograd.Function):
+    generate_vmap_rule = True  # torch.func.vmap over adder layers (per-sample: the norm of each sample's gradient)
+
     @staticmethod
     def forward(w, eta):
         return w.view_as(w)

@@ -227,3 +227,52 @@ def test_quantize_adders_int8_replaces_every_adder_layer():
         quantize_adders_int8(torch.nn.Sequential(AdderLinear(3, 2)), [])
     single = quantize_adders_int8(AdderLinear(3, 2), [torch.randn(4, 3)])
     assert isinstance(single, AdderLinearInt8)
+
+
+def test_quantize_adders_int8_replaces_every_use_of_a_shared_layer():
+    from torch import nn
+
+    from shiftadd.nn import quantize_adders_int8
+
+    torch.manual_seed(0)
+    a = AdderLinear(8, 8)
+    one = nn.Sequential(a, nn.BatchNorm1d(8), a, nn.BatchNorm1d(8))  # used twice in one parent
+    two = nn.Sequential(nn.Sequential(a, nn.BatchNorm1d(8)), nn.Sequential(a, nn.BatchNorm1d(8)))
+    for model, first, second in ((one, lambda m: m[0], lambda m: m[2]), (two, lambda m: m[0][0], lambda m: m[1][0])):
+        q = quantize_adders_int8(model, [torch.randn(16, 8)])
+        assert isinstance(first(q), AdderLinearInt8) and first(q) is second(q)
+
+
+def test_int8_modules_run_from_inference_mode_and_compile():
+    """Inference tensors have no version counter and torch.compile cannot guard on one: the
+    weight-row cache is skipped there, never an error."""
+    from shiftadd.nn import AdderConv2d, AdderConv2dInt8, quantize_adders_int8
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        m = AdderLinearInt8.from_float(AdderLinear(8, 4), 3.0)
+        y = m(x)
+        q = quantize_adders_int8(torch.nn.Sequential(AdderLinear(8, 8), torch.nn.BatchNorm1d(8)), [torch.randn(4, 8)])
+        q(x)
+    torch.testing.assert_close(m(x), y)  # and outside the block
+    conv = AdderConv2dInt8.from_float(AdderConv2d(3, 4, 3, padding=1), 3.0)
+    xc = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        for layer, inp in ((AdderLinearInt8.from_float(AdderLinear(8, 4), 3.0), x), (conv, xc)):
+            layer(inp)  # a cached eager call first
+            fn = torch.compile(layer, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(fn(inp), layer(inp))
+            torch.testing.assert_close(fn(inp + 1), layer(inp + 1))
+
+
+def test_int8_scale_from_a_tensor_or_numpy_scalar():
+    import numpy as np
+
+    layer = AdderLinear(8, 4)
+    x = torch.randn(5, 8)
+    want = AdderLinearInt8.from_float(layer, float(x.abs().max())).scale
+    assert AdderLinearInt8.from_float(layer, x.abs().max()).scale == want
+    assert AdderLinearInt8.from_float(layer, np.float32(x.abs().max())).scale == want
+    with pytest.raises(ValueError, match="act_absmax"):
+        AdderLinearInt8.from_float(layer, torch.tensor([1.0, 2.0]))

@@ -42,6 +42,21 @@ def test_shift_all_layers_and_depth():
     assert n == 2 and kinds(model) == ["Conv2d", "ShiftConv2d", "ShiftConv2d", "Linear", "Linear"]
 
 
+def test_depth_beyond_the_eligible_layers_converts_them_all():
+    for depth in (3, 4, 6, 100):
+        model, n = shiftadd.convert(small_net(), to="shift", depth=depth)
+        assert n == 3 and kinds(model) == ["Conv2d", "ShiftConv2d", "ShiftConv2d", "ShiftLinear", "Linear"], depth
+
+
+def test_a_bare_layer_is_converted_when_not_skipped():
+    for layer, want in ((nn.Conv2d(3, 4, 3), AdderConv2d), (nn.Linear(5, 6), AdderLinear)):
+        same, n = shiftadd.convert(layer, to="adder")  # the only layer is the first and the last: kept
+        assert same is layer and n == 0
+        new, n = shiftadd.convert(layer, to="adder", skip_first=False, skip_last=False)
+        assert type(new) is want and n == 1
+        torch.testing.assert_close(new.weight, layer.weight)
+
+
 def test_shiftadd_blocks():
     model, n = shiftadd.convert(small_net(), to="shiftadd")
     assert n == 3

@@ -233,3 +233,10 @@ def test_eta_scaling_survives_a_loss_scaler():
     assert m.weight.grad.norm() < 1e-3 * ref.weight.grad.norm()
     renormalize_eta_grads(m)
     torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_vmap_over_adder_layers():
+    torch.manual_seed(0)
+    m = AdderLinear(8, 4).eval()
+    x = torch.randn(5, 1, 8)
+    torch.testing.assert_close(torch.func.vmap(m)(x), m(x))

@@ -3,6 +3,8 @@ the packed float and exact integer ops (cpu kernels on every ISA, the reference,
 Python integer model), and the packed modules."""
 
 import contextlib
+import copy
+import io
 import math
 
 import pytest
@@ -570,3 +572,63 @@ def test_shift_linear_in_inference_compiles_fullgraph():
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_pack_model_replaces_every_use_of_a_shared_layer():
+    s = ShiftLinear(8, 8)
+    model = torch.nn.Sequential(s, torch.nn.ReLU(), s).eval()  # one layer, used twice in one parent
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model(x)
+    packed, n = shiftadd.pack_model(model)
+    assert n == 1 and packed[0] is packed[2] and isinstance(packed[0], PackedShiftLinear)
+    with torch.no_grad():
+        assert rel_err(packed(x), want) <= 1e-6
+
+
+def test_packed_modules_compile_fullgraph():
+    """PackedShiftConv2d decodes in Python: its argument checks must trace (no tensor in a
+    torch._check message closure)."""
+    torch.manual_seed(0)
+    conv = ShiftConv2d(3, 4, 3, padding=1).eval().pack()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        fn = torch.compile(conv, backend="aot_eager", fullgraph=True)
+        assert same(fn(x), conv(x)) and same(fn(x + 1), conv(x + 1))
+
+
+def test_shift_linear_packed_path_keeps_the_dense_path_dtype_rules():
+    """Autocast, a mixed input dtype and inference-mode parameters take the dense path,
+    so the result's dtype (and a mixed-dtype error) does not depend on the batch size."""
+    usable("cpu")
+    torch.manual_seed(0)
+    layer = ShiftLinear(8, 4).eval()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for rows in (2, 17):
+                x = torch.randn(rows, 8)
+                assert layer.inference_path(x) == "dense" and layer(x).dtype == torch.bfloat16
+            assert PackedShiftLinear.from_shift(layer)(torch.randn(2, 8)).dtype == torch.bfloat16  # as F.linear
+        nb = ShiftLinear(8, 4, bias=False).eval()
+        for rows in (2, 20):
+            with pytest.raises(RuntimeError, match="dtype"):
+                nb(torch.randn(rows, 8, dtype=torch.float64))
+    with torch.inference_mode():
+        made = ShiftLinear(8, 4).eval()  # inference tensors have no version counter to key a cache on
+        x = torch.randn(3, 8)
+        assert made.inference_path(x) == "dense"
+        assert rel_err(made(x), F.linear(x, made.quantized_weight(), made.bias)) <= 1e-6
+
+
+def test_copies_of_a_shift_linear_do_not_carry_its_packed_cache():
+    usable("cpu")
+    layer = ShiftLinear(64, 32).eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+    assert layer._packed_cache is not None
+    assert copy.deepcopy(layer)._packed_cache is None
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False)._packed_cache is None
+    assert layer._packed_cache is not None  # the original keeps it

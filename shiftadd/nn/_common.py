@@ -64,6 +64,20 @@ class ConvArgs:
 
 
 @torch.no_grad()
+def replace_modules(model: nn.Module, new_of: dict) -> int:
+    """Puts new_of[id(m)] in every place where a module m of the mapping is a child of a
+    module of `model` (any depth; each use of a shared module, shared parents walked once).
+    Returns the number of places changed.  (named_children() would list a module used
+    twice in one parent only once.)"""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in new_of:
+                setattr(parent, name, new_of[id(child)])
+                n += 1
+    return n
+
+
 def recalibrate_bn(model: nn.Module, forward, batches) -> None:
     """Resets every BatchNorm's statistics and re-estimates them (cumulative average) from
     `batches` with forward(x); the model is left in eval mode."""

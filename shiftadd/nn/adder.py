@@ -8,6 +8,7 @@ BatchNorm after each adder layer: the outputs are all <= 0 and scale with the fa
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -17,7 +18,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .. import functional as SF
 from .. import thermometer
-from ._common import ConvArgs, recalibrate_bn
+from ._common import ConvArgs, recalibrate_bn, replace_modules
 
 
 def _check_eta(eta):
@@ -167,6 +168,11 @@ class _Int8State:
         self._clear_cache()
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):  # copy.deepcopy / pickle: not the caches (rebuilt on demand)
+        state = dict(super().__getstate__())
+        state["_rows"], state["_codes"] = None, {}
+        return state
+
     def get_extra_state(self):
         return {"scale": self.scale, "bits": self.bits}
 
@@ -187,8 +193,15 @@ class _Int8State:
     def _rows_of(self, w: torch.Tensor) -> torch.Tensor:
         return w  # a linear weight is its rows; the conv overrides this
 
+    def _cacheable(self) -> bool:
+        # no cache under torch.compile (a version check would be a data-dependent guard) nor
+        # for an inference tensor (made under torch.inference_mode: it has no version counter)
+        return not torch.compiler.is_compiling() and not self.weight_q.is_inference()
+
     def _weight_rows(self) -> torch.Tensor:
         w = self.weight_q
+        if not self._cacheable():
+            return self._rows_of(w)
         if self._rows is None or self._rows[0] is not w or self._rows[1] != w._version:
             self._clear_cache()
             self._rows = (w, w._version, self._rows_of(w))
@@ -202,11 +215,13 @@ class _Int8State:
         if thermometer.choose("auto", xq.device, self.bits) != "thermometer":
             return SF.adder_linear_int8(xq, w2)
         key = (lo, hi, self.bits)
-        codes = self._codes.get(key)
+        codes = self._codes.get(key) if self._cacheable() else None
         if codes is None:
             thermometer.check_range("weight_q", w2, self.bits)
             thermometer.check_size(w2.shape[1], self.bits)
-            codes = self._codes[key] = thermometer.weight_codes(w2, self.bits)
+            codes = thermometer.weight_codes(w2, self.bits)
+            if self._cacheable():
+                self._codes[key] = codes
         return thermometer.adder_linear_codes(xq, codes, self.bits, hi - lo)
 
     @staticmethod
@@ -369,6 +384,10 @@ class AdderConv2dInt8(_Int8State, ConvArgs, nn.Module):
 
 
 def _int8_scale(weight: torch.Tensor, act_absmax: float, bits: int = 8) -> float:
+    if isinstance(act_absmax, torch.Tensor) and act_absmax.numel() == 1 and not act_absmax.dtype == torch.bool:
+        act_absmax = act_absmax.item()  # e.g. x.abs().max()
+    elif isinstance(act_absmax, numbers.Real) and not isinstance(act_absmax, bool):
+        act_absmax = float(act_absmax)  # numpy scalars
     if not (isinstance(act_absmax, (int, float)) and act_absmax >= 0 and math.isfinite(act_absmax)):
         raise ValueError(f"act_absmax must be a finite number >= 0, got {act_absmax!r}")
     top = max(float(weight.abs().max()) if weight.numel() else 0.0, float(act_absmax))
@@ -590,11 +609,10 @@ def quantize_adders_int8(model: nn.Module, calibration, bits: int = 8, clip: Opt
             found, batches = _calibrate(model, todo, calibration, bits, clip, keep=recalibrate)
         scales.update(found)
     replaced = {name: _int8_layer(m, scales[name], bits) for name, m in adders.items()}
-    for name, q in replaced.items():
-        if name == "":  # the model is itself one adder layer
-            return q
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.rsplit(".", 1)[-1], q)
+    if "" in replaced:  # the model is itself one adder layer
+        return replaced[""]
+    # every use of a shared layer (named_modules lists it once) gets the one int8 layer
+    replace_modules(model, {id(adders[name]): q for name, q in replaced.items()})
     if recalibrate:
         try:
             recalibrate_bn(model, model, batches)

@@ -31,7 +31,7 @@ from torch import nn
 from .. import functional as SF
 from ..packed import CODE_BITS, PackedPoT, check_scale_range, pack_pot, unpack_pot
 from ..reference.shift import packed_row_bytes
-from ._common import ConvArgs
+from ._common import ConvArgs, replace_modules
 
 _DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
@@ -130,6 +130,10 @@ class PackedShiftLinear(_PackedBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, bias = self._operands(x)
+        dev = x.device.type if isinstance(x, torch.Tensor) else None
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and x.is_floating_point():
+            dt = torch.get_autocast_dtype(dev)  # what F.linear computes in under autocast (as PackedShiftConv2d)
+            x, bias = x.to(dt), (None if bias is None else bias.to(dt))
         return SF.shift_linear_packed(x, self.packed_weight(), bias)
 
     def forward_int(self, x_int: torch.Tensor) -> torch.Tensor:
@@ -194,12 +198,7 @@ def pack_model(model: nn.Module, code_bits: Optional[int] = None) -> tuple:
     root = packed(model)
     if root is not None:
         return root, 1
-    n, seen = 0, {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, (ShiftLinear, ShiftConv2d)):
-                if id(child) not in seen:  # a layer shared by two parents stays shared
-                    seen[id(child)] = packed(child)
-                    n += 1
-                setattr(parent, name, seen[id(child)])
-    return model, n
+    # model.modules() lists a shared layer once; every use of it gets the one packed layer
+    new_of = {id(m): packed(m) for m in model.modules() if isinstance(m, (ShiftLinear, ShiftConv2d))}
+    replace_modules(model, new_of)
+    return model, len(new_of)

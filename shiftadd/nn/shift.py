@@ -9,7 +9,8 @@ and the bias to fixed point.  Stochastic rounding applies in training mode only.
 
 Path choice (``ShiftLinear``): in training, or whenever autograd needs the weight's
 gradient, the layer quantizes and runs F.linear (the training path).  In inference (eval
-mode, and no gradient needed for x or the parameters, outside torch.compile) with at
+mode, and no gradient needed for x or the parameters, outside torch.compile and autocast,
+x of the parameters' dtype, parameters not made under torch.inference_mode) with at
 most ``PACKED_MAX_ROWS`` input rows it packs its weight once into 4/8-bit codes (kept
 until a parameter changes: the parameters' version counters and storage are the cache
 key, so writes through ``.data``, which autograd does not see either, are not seen: call
@@ -170,6 +171,12 @@ class ShiftLinear(_ShiftBase):
             return f"more than {PACKED_MAX_ROWS} rows: compute-bound, the dense path is as fast"
         if not x.dtype.is_floating_point or x.device != params[0].device:
             return "input dtype or device"
+        if x.dtype != params[0].dtype:  # the dense path decides (F.linear refuses mixed dtypes)
+            return f"input dtype {x.dtype} differs from the layer's {params[0].dtype}"
+        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            return "autocast (the dense path follows its dtype rules)"
+        if any(t.is_inference() for t in params):
+            return "the parameters are inference tensors (no version counter to keep a packed copy current)"
         from .. import _dispatch
 
         try:
@@ -199,6 +206,11 @@ class ShiftLinear(_ShiftBase):
     def _apply(self, fn, *args, **kwargs):
         self._packed_cache = None  # .to(), .half(), ...: rebuilt on the next packed call
         return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):  # copy.deepcopy / pickle: not the packed copy (rebuilt on demand)
+        state = dict(super().__getstate__())
+        state["_packed_cache"] = None
+        return state
 
     def clear_packed_cache(self) -> None:
         """Drops the packed copy of the weight (rebuilt on the next packed call): needed only

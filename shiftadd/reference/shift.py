@@ -114,17 +114,22 @@ def check_packed(name: str, codes, scales, zero_codes, bits: int, out_features: 
     torch._check(bits in CODE_BITS, lambda: f"{name}: bits must be 4, 8 or 16, got {bits}")
     torch._check(out_features >= 0 and in_features >= 0,
                  lambda: f"{name}: out_features and in_features must be >= 0, got {out_features}, {in_features}")
-    torch._check(codes.dtype == torch.uint8, lambda: f"{name}: codes must be uint8, got {codes.dtype}")
-    torch._check(scales.dtype == torch.int32, lambda: f"{name}: scales must be int32, got {scales.dtype}")
-    torch._check(zero_codes.dtype == torch.int32, lambda: f"{name}: zero_codes must be int32, got {zero_codes.dtype}")
+    # the messages capture Python values only, not tensors: torch.compile traces these checks
+    # (PackedShiftConv2d decodes in Python) and cannot convert a closure over a tensor
+    cdt, sdt, zdt = codes.dtype, scales.dtype, zero_codes.dtype
+    torch._check(cdt == torch.uint8, lambda: f"{name}: codes must be uint8, got {cdt}")
+    torch._check(sdt == torch.int32, lambda: f"{name}: scales must be int32, got {sdt}")
+    torch._check(zdt == torch.int32, lambda: f"{name}: zero_codes must be int32, got {zdt}")
     rb = packed_row_bytes(in_features, bits)
-    torch._check(codes.dim() == 2 and codes.shape[0] == out_features and codes.shape[1] == rb,
+    cshape, cdev = tuple(codes.shape), codes.device
+    torch._check(len(cshape) == 2 and cshape[0] == out_features and cshape[1] == rb,
                  lambda: f"{name}: codes must have shape ({out_features}, {rb}) for {out_features}x{in_features} "
-                         f"{bits}-bit codes, got {tuple(codes.shape)}")
+                         f"{bits}-bit codes, got {cshape}")
     for what, t in (("scales", scales), ("zero_codes", zero_codes)):
-        torch._check(t.dim() == 1 and t.shape[0] == out_features,
-                     lambda: f"{name}: {what} must have shape ({out_features},), got {tuple(t.shape)}")
-        torch._check(t.device == codes.device, lambda: f"{name}: {what} is on {t.device}, codes on {codes.device}")
+        shape, dev = tuple(t.shape), t.device
+        torch._check(len(shape) == 1 and shape[0] == out_features,
+                     lambda: f"{name}: {what} must have shape ({out_features},), got {shape}")
+        torch._check(dev == cdev, lambda: f"{name}: {what} is on {dev}, codes on {cdev}")
 
 
 def unpack_codes(codes: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
