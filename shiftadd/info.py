@@ -28,8 +28,11 @@ def report() -> str:
         lines.append(f"  CPU kernels: instruction set {c.cpu_isa()} (supported here: {', '.join(c.cpu_isas())})")
         lines.append(f"  CUDA kernels: {'built' if c.with_cuda else 'not built'}")
         if c.with_cuda:
-            split = os.environ.get("SHIFTADD_CUDA_SPLIT_K") or "off (default until the split kernels run on a GPU)"
+            why = " (the default until these kernel choices run on a GPU)"
+            split = os.environ.get("SHIFTADD_CUDA_SPLIT_K") or "off" + why
+            tiles = os.environ.get("SHIFTADD_CUDA_TILES") or "classic" + why
             lines.append(f"  CUDA adder reduction splits (SHIFTADD_CUDA_SPLIT_K = auto | off | N): {split}")
+            lines.append(f"  CUDA adder forward tiles (SHIFTADD_CUDA_TILES = fit | classic): {tiles}")
     else:
         lines.append(f"compiled extension: NOT loaded: {_dispatch._C_ERROR}")
     lines.append(f"forced backend: {_dispatch.forced_backend()} (SHIFTADD_BACKEND / shiftadd.use_backend)")

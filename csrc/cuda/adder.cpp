@@ -43,22 +43,32 @@ k::Algo algo_from_env() {
   return k::Algo::Auto;
 }
 
-// Reduction splits of the tiled forward and grad input (split-K, kernels.h):
-// SHIFTADD_CUDA_SPLIT_K = auto (the occupancy rule) | off | N (at most N splits, for tests).
-// Unset: off, until the split kernels have passed the GPU tests and been timed
-// (scripts/gpu_validate.sh runs the tests and benchmarks both ways).
-constexpr int kSplitKDefault = 0;
-int split_k_from_env() {
+// Kernel choices not yet run on a GPU (kernels.h, Tuning), off when unset until they have
+// passed the GPU tests and been timed (scripts/gpu_validate.sh runs both ways):
+//   SHIFTADD_CUDA_SPLIT_K = auto (the occupancy rule) | off | N (at most N splits, for tests)
+//   SHIFTADD_CUDA_TILES   = fit (forward tiles fitted to the channels) | classic
+k::Tuning tuning_from_env() {
+  k::Tuning t;
   const char* v = std::getenv("SHIFTADD_CUDA_SPLIT_K");
-  if (v == nullptr || *v == '\0') return kSplitKDefault;
-  const std::string s(v);
-  if (s == "auto") return -1;
-  if (s == "off") return 0;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && n >= 0 && n <= 65535,
-              "SHIFTADD_CUDA_SPLIT_K must be auto, off or a number of splits in [0, 65535], got '", s, "'");
-  return static_cast<int>(n);
+  if (v != nullptr && *v != '\0') {
+    const std::string s(v);
+    if (s == "auto") {
+      t.split_k = -1;
+    } else if (s != "off") {
+      char* end = nullptr;
+      const long n = std::strtol(v, &end, 10);
+      TORCH_CHECK(end != v && *end == '\0' && n >= 0 && n <= 65535,
+                  "SHIFTADD_CUDA_SPLIT_K must be auto, off or a number of splits in [0, 65535], got '", s, "'");
+      t.split_k = static_cast<int>(n);
+    }
+  }
+  const char* tv = std::getenv("SHIFTADD_CUDA_TILES");
+  if (tv != nullptr && *tv != '\0') {
+    const std::string s(tv);
+    TORCH_CHECK(s == "fit" || s == "classic", "SHIFTADD_CUDA_TILES must be fit or classic, got '", s, "'");
+    t.fit_tiles = s == "fit";
+  }
+  return t;
 }
 
 k::ConvGeom to_kernel_geom(const Geom& g) {
@@ -131,11 +141,11 @@ at::Tensor forward_impl(const char* op, const at::Tensor& x, const at::Tensor& w
   if (g.K == 0) return y.zero_();
   const int64_t ys[4] = {y.stride(0), y.stride(1), conv ? y.stride(2) : 0, conv ? y.stride(3) : 0};
   const k::Algo algo = fp16x2 ? k::Algo::Fp16x2 : algo_from_env();
-  const int split_k = split_k_from_env();
-  const size_t bytes = k::adder_forward_workspace(cg, algo, split_k);
+  const k::Tuning tune = tuning_from_env();
+  const size_t bytes = k::adder_forward_workspace(cg, algo, tune);
   at::Tensor ws = workspace(x, bytes);
   check_launch(op, k::adder_forward(cg, dt, x.const_data_ptr(), w.const_data_ptr(), y.mutable_data_ptr(), ys,
-                                    ws.mutable_data_ptr(), bytes, algo, split_k,
+                                    ws.mutable_data_ptr(), bytes, algo, tune,
                                     c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }
@@ -158,12 +168,12 @@ at::Tensor grad_input_impl(const char* op, const at::Tensor& grad, const at::Ten
   const at::Tensor gt = grad_columns(grad, g);
   const int64_t dxs[4] = {dx.stride(0), dx.stride(1), conv ? dx.stride(2) : 0, conv ? dx.stride(3) : 0};
   const k::Algo algo = algo_from_env();
-  const int split_k = split_k_from_env();
-  const size_t bytes = k::adder_grad_input_workspace(cg, algo, split_k);
+  const k::Tuning tune = tuning_from_env();
+  const size_t bytes = k::adder_grad_input_workspace(cg, algo, tune);
   at::Tensor ws = workspace(x, bytes);
   check_launch(op, k::adder_grad_input(cg, dt, mode == GradMode::Exact, gt.const_data_ptr<float>(),
                                        x.const_data_ptr(), w.const_data_ptr(), dx.mutable_data_ptr(), dxs,
-                                       ws.mutable_data_ptr(), bytes, algo, split_k,
+                                       ws.mutable_data_ptr(), bytes, algo, tune,
                                        c10::cuda::getCurrentCUDAStream().stream()));
   return dx;
 }

@@ -291,22 +291,34 @@ template <int BM_, int BN_, int TN_>
 struct TileCfg {
   static constexpr int BM = BM_, BN = BN_, TN = TN_;  // 8 rows per thread
 };
-using FwdWide = TileCfg<128, 128, 8>;   // Og > 32
-using FwdNarrow = TileCfg<256, 32, 4>;  // 8 < Og <= 32
+using FwdWide = TileCfg<128, 128, 8>;    // Og > 32 (Tuning::fit_tiles: Og > 64)
+using FwdNarrow = TileCfg<256, 32, 4>;   // 8 < Og <= 32 (fit_tiles: 16 < Og <= 64)
+using FwdNarrow16 = TileCfg<512, 16, 4>; // fit_tiles: Og <= 16 (no idle half of a 32-wide tile)
 
 // The load mapping of the forward tile (adder_fwd_tiled, adder_fwd_h2): 256 threads, BK
 // columns per stage; CL selects threads along the tile's columns (channels-last x).
+// A element q of a thread: CL: row a_m + q RSTEP, column a_k; else row a_m + (q / CPT)
+// kThreads, column a_k + q % CPT (a tile of more rows than threads: each thread loads all BK
+// columns of BM / kThreads rows).  B: BLOAD threads load BE elements each (BN BK < kThreads:
+// the first BN BK threads one each).
 template <class Cfg, bool CL>
 struct FwdTile {
   static constexpr int BM = Cfg::BM, BN = Cfg::BN, TN = Cfg::TN, BK = kBK;
   static constexpr int AE = BM * BK / kThreads;  // A elements per thread and stage
-  static constexpr int BE = BN * BK / kThreads;  // B elements per thread and stage
+  static constexpr int BE = BN * BK >= kThreads ? BN * BK / kThreads : 1;  // B elements per loading thread
+  static constexpr int BLOAD = BN * BK / BE;     // threads that load B
   static constexpr int TX = BN / TN;             // threads along the columns of the tile
   static constexpr int RSTEP = kThreads / BK;    // CL: row distance between a thread's A elements
-  static_assert(AE >= 1 && BE >= 1 && TX * (BM / 8) == kThreads && (TN == 8 || TN == 4), "tile config");
-  static_assert(CL || (kThreads % BM == 0 && (kThreads / BM) * AE == BK), "row mapping");
+  static constexpr int CPT = AE < BK ? AE : BK;  // not CL: columns per thread
+  static_assert(AE >= 1 && TX * (BM / 8) == kThreads && (TN == 8 || TN == 4), "tile config");
+  static_assert(CL || (BM <= kThreads && kThreads % BM == 0 && (kThreads / BM) * AE == BK) ||
+                    (BM % kThreads == 0 && AE == (BM / kThreads) * BK), "row mapping");
   static_assert(!CL || RSTEP * AE == BM, "column mapping");
-  static_assert(kThreads % BN == 0 && (kThreads / BN) * BE == BK, "B mapping");
+  static_assert(BLOAD <= kThreads && BLOAD % BN == 0 && (BLOAD / BN) * BE == BK, "B mapping");
+  __device__ static __forceinline__ int a_col(int a_k, int q) { return CL ? a_k : a_k + q % CPT; }
+  __device__ static __forceinline__ int a_row(int a_m, int q) {
+    return CL ? a_m + q * RSTEP : a_m + (q / CPT) * kThreads;
+  }
 };
 
 // Shared by the two tiled forwards (adder_fwd_tiled, adder_fwd_h2).
@@ -395,8 +407,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                     const float* __restrict__ wt, T* __restrict__ y, const Strides4 ys, float* __restrict__ part,
                     int tps, long long prs, long long pcs) {
   using S = FwdTile<Cfg, CL>;
-  constexpr int BM = S::BM, BN = S::BN, TN = S::TN, BK = S::BK, AE = S::AE, BE = S::BE, TX = S::TX,
-                RSTEP = S::RSTEP;
+  constexpr int BM = S::BM, BN = S::BN, TN = S::TN, BK = S::BK, AE = S::AE, BE = S::BE, TX = S::TX;
   constexpr bool kAsync = IsFloat<T>::value && SA_CP_ASYNC;
 
   __shared__ __align__(16) float As[2][BK][BM + kPad];
@@ -409,9 +420,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int t0 = blockIdx.z * tps;  // this block's stages [t0, t1)
   const int t1 = t0 + tps < nT ? t0 + tps : nT;
 
-  // A loader: element q of this thread is (row a_m + q * RSTEP, column a_k) if CL,
-  // else (row a_m, column a_k + q).  Per row: offset of its tap (0, 0) in x (may lie
-  // outside the image) and input coordinates of that tap, decoded once into shared memory.
+  // A loader: element q of this thread is (row S::a_row(a_m, q), column S::a_col(a_k, q)).
+  // Per row: offset of its tap (0, 0) in x (may lie outside the image) and input
+  // coordinates of that tap, decoded once into shared memory.
   __shared__ int4 Rows[BM];
   const int a_m = CL ? tid / BK : tid % BM;
   const int a_k = CL ? tid % BK : (tid / BM) * AE;
@@ -437,8 +448,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     auto load = [&](int t, int buf) {
 #pragma unroll
       for (int q = 0; q < AE; q++) {
-        const int kk = CL ? a_k : a_k + q;
-        const int mm = CL ? a_m + q * RSTEP : a_m;
+        const int kk = S::a_col(a_k, q), mm = S::a_row(a_m, q);
         long long off;
         const bool ok = a_element(g, ktab, Rows, t, kk, mm, &off);
         const T* src = ok ? xg + off : xg;
@@ -448,21 +458,19 @@ __global__ void __launch_bounds__(kThreads, 2)
           areg[q] = ok ? to_f(*src) : 0.f;
         }
       }
+      if (S::BLOAD == kThreads || tid < S::BLOAD) {
 #pragma unroll
-      for (int q = 0; q < BE; q++) {
-        const int kk = b_k + q, k = t * BK + kk, o = o0 + b_o;
-        const bool ok = k < g.K && o < g.Og;
-        cp_async_f32(&Bs[buf][kk][b_o], ok ? wg + ((long long)k * g.Og + o) : wg, ok);
+        for (int q = 0; q < BE; q++) {
+          const int kk = b_k + q, k = t * BK + kk, o = o0 + b_o;
+          const bool ok = k < g.K && o < g.Og;
+          cp_async_f32(&Bs[buf][kk][b_o], ok ? wg + ((long long)k * g.Og + o) : wg, ok);
+        }
       }
     };
     auto store_a = [&](int buf) {
       if constexpr (!kAsync) {
 #pragma unroll
-        for (int q = 0; q < AE; q++) {
-          const int kk = CL ? a_k : a_k + q;
-          const int mm = CL ? a_m + q * RSTEP : a_m;
-          As[buf][kk][mm] = areg[q];
-        }
+        for (int q = 0; q < AE; q++) As[buf][S::a_col(a_k, q)][S::a_row(a_m, q)] = areg[q];
       }
     };
     auto compute = [&](int buf) {
@@ -526,8 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     adder_fwd_h2(const DevGeom g, const __half* __restrict__ x, const int2* __restrict__ ktab,
                  const __half* __restrict__ wt, __half* __restrict__ y, const Strides4 ys) {
   using S = FwdTile<Cfg, CL>;
-  constexpr int BM = S::BM, BN = S::BN, TN = S::TN, BK = S::BK, AE = S::AE, BE = S::BE, TX = S::TX,
-                RSTEP = S::RSTEP;
+  constexpr int BM = S::BM, BN = S::BN, TN = S::TN, BK = S::BK, AE = S::AE, BE = S::BE, TX = S::TX;
   constexpr int FS = kH2Flush / BK;  // stages per float16 partial sum
   static_assert(kH2Flush % BK == 0, "flush at stage ends");
 
@@ -564,29 +571,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < TN / 2; j++) h[i][j] = __half2half2(hzero);
     }
 
+    const bool b_loader = S::BLOAD == kThreads || tid < S::BLOAD;
     auto load = [&](int t) {
 #pragma unroll
       for (int q = 0; q < AE; q++) {
-        const int kk = CL ? a_k : a_k + q;
-        const int mm = CL ? a_m + q * RSTEP : a_m;
         long long off;
-        areg[q] = a_element(g, ktab, Rows, t, kk, mm, &off) ? xg[off] : hzero;
+        areg[q] = a_element(g, ktab, Rows, t, S::a_col(a_k, q), S::a_row(a_m, q), &off) ? xg[off] : hzero;
       }
 #pragma unroll
       for (int q = 0; q < BE; q++) {
         const int k = t * BK + b_k + q, o = o0 + b_o;
-        breg[q] = (k < g.K && o < g.Og) ? wg[(long long)k * g.Og + o] : hzero;
+        breg[q] = (b_loader && k < g.K && o < g.Og) ? wg[(long long)k * g.Og + o] : hzero;
       }
     };
     auto store = [&](int buf) {
 #pragma unroll
-      for (int q = 0; q < AE; q++) {
-        const int kk = CL ? a_k : a_k + q;
-        const int mm = CL ? a_m + q * RSTEP : a_m;
-        As[buf][kk][mm] = areg[q];
-      }
+      for (int q = 0; q < AE; q++) As[buf][S::a_col(a_k, q)][S::a_row(a_m, q)] = areg[q];
+      if (b_loader) {
 #pragma unroll
-      for (int q = 0; q < BE; q++) Bs[buf][b_k + q][b_o] = breg[q];
+        for (int q = 0; q < BE; q++) Bs[buf][b_k + q][b_o] = breg[q];
+      }
     };
     auto compute = [&](int buf) {
 #pragma unroll
@@ -1153,10 +1157,16 @@ ConvGeom swapped(const ConvGeom& g, int64_t* xs_w) {
   return s;
 }
 
-enum class FwdKernel { Direct, Wide, Narrow };
-FwdKernel fwd_kernel(const ConvGeom& g, Algo algo) {
+// fit (Tuning::fit_tiles): the tile that leaves the fewest idle columns per shared-memory
+// read (a 32-wide tile reads 3 float4 per 32 products, the 128-wide one 4 per 64), for the
+// float32-accumulating forward; the fp16x2 forward keeps the first rule.
+enum class FwdKernel { Direct, Wide, Narrow, Narrow16 };
+FwdKernel fwd_kernel(const ConvGeom& g, Algo algo, bool fit) {
   if (algo == Algo::Direct || (algo == Algo::Auto && g.Og <= kDirectOg)) {
     if (g.Og <= kDirectOg) return FwdKernel::Direct;
+  }
+  if (fit && algo != Algo::Fp16x2) {
+    return g.Og <= 16 ? FwdKernel::Narrow16 : g.Og <= 64 ? FwdKernel::Narrow : FwdKernel::Wide;
   }
   return g.Og > 32 ? FwdKernel::Wide : FwdKernel::Narrow;
 }
@@ -1179,7 +1189,7 @@ dim3 tiled_grid(const DevGeom& g, int splits = 1) {
 // tile, block z summing stages [z tps, (z + 1) tps) into float32 partial sums that
 // adder_split_reduce adds in split order: deterministic, but rounded differently from
 // one block summing all stages (within float32 accumulation error).
-// split_k (the launchers' argument): < 0 this rule; 0 or 1 no split; N > 1 at most N.
+// split_k (Tuning::split_k): < 0 this rule; 0 or 1 no split; N > 1 at most N.
 struct KSplit {
   int S, tps;  // splits, stages per split
 };
@@ -1209,14 +1219,14 @@ KSplit k_split(int64_t tiles, int64_t stages, int64_t out_elems, int resident, i
 
 // The split of the float32-accumulating tiled forward (none for the direct and fp16x2
 // kernels: fp16x2's chunked sums are defined over the whole reduction in order).
-KSplit fwd_split(const ConvGeom& g, Algo algo, int split_k) {
+KSplit fwd_split(const ConvGeom& g, Algo algo, const Tuning& tune) {
   const int64_t stages = ceil_div(g.K, kBK), R = g.N * g.Ho * g.Wo;
-  const FwdKernel fk = fwd_kernel(g, algo);
+  const FwdKernel fk = fwd_kernel(g, algo, tune.fit_tiles);
   if (algo == Algo::Fp16x2 || fk == FwdKernel::Direct || R == 0 || g.Og == 0) return KSplit{1, (int)stages};
-  const int bm = fk == FwdKernel::Wide ? FwdWide::BM : FwdNarrow::BM;
-  const int bn = fk == FwdKernel::Wide ? FwdWide::BN : FwdNarrow::BN;
+  const int bm = fk == FwdKernel::Wide ? FwdWide::BM : fk == FwdKernel::Narrow ? FwdNarrow::BM : FwdNarrow16::BM;
+  const int bn = fk == FwdKernel::Wide ? FwdWide::BN : fk == FwdKernel::Narrow ? FwdNarrow::BN : FwdNarrow16::BN;
   const int64_t tiles = ceil_div(R, bm) * g.G * ceil_div(g.Og, bn);
-  return k_split(tiles, stages, R * g.O, 2, split_k);  // 2: __launch_bounds__(kThreads, 2)
+  return k_split(tiles, stages, R * g.O, 2, tune.split_k);  // 2: __launch_bounds__(kThreads, 2)
 }
 
 size_t fwd_workspace_plain(const ConvGeom& g, const KSplit& sp) {
@@ -1226,10 +1236,10 @@ size_t fwd_workspace_plain(const ConvGeom& g, const KSplit& sp) {
 }
 
 cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w, int64_t wsO, int64_t wsK, void* y,
-                      const int64_t* ys, void* ws, size_t ws_bytes, Algo algo, int split_k, cudaStream_t stream) {
+                      const int64_t* ys, void* ws, size_t ws_bytes, Algo algo, const Tuning& tune, cudaStream_t stream) {
   if (cg.N * cg.Ho * cg.Wo == 0 || cg.Og == 0 || cg.G == 0) return cudaSuccess;
   if (cg.K <= 0) return cudaErrorInvalidValue;
-  const KSplit sp = fwd_split(cg, algo, split_k);
+  const KSplit sp = fwd_split(cg, algo, tune);
   if (ws_bytes < fwd_workspace_plain(cg, sp) || ws == nullptr) return cudaErrorInvalidValue;
   if (algo == Algo::Fp16x2 && dt != DType::Float16) return cudaErrorInvalidValue;
   const DevGeom g = make_dev_geom(cg);
@@ -1250,7 +1260,7 @@ cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const FwdKernel fk = fwd_kernel(cg, algo);
+  const FwdKernel fk = fwd_kernel(cg, algo, tune.fit_tiles);
   if (algo == Algo::Fp16x2) {  // every shape (no direct kernel); float16 weights in the float workspace
     const __half* xp = static_cast<const __half*>(x);
     __half* yp = static_cast<__half*>(y);
@@ -1292,9 +1302,13 @@ cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w
       auto kern = cl ? adder_fwd_tiled<T, true, FwdWide> : adder_fwd_tiled<T, false, FwdWide>;
       SA_LAUNCH(kern, tiled_grid<FwdWide>(g, sp.S), dim3(kThreads), stream, g, xp, (const int2*)ktab,
                 (const float*)wt, yp, st, part, sp.tps, prs, pcs);
-    } else {
+    } else if (fk == FwdKernel::Narrow) {
       auto kern = cl ? adder_fwd_tiled<T, true, FwdNarrow> : adder_fwd_tiled<T, false, FwdNarrow>;
       SA_LAUNCH(kern, tiled_grid<FwdNarrow>(g, sp.S), dim3(kThreads), stream, g, xp, (const int2*)ktab,
+                (const float*)wt, yp, st, part, sp.tps, prs, pcs);
+    } else {
+      auto kern = cl ? adder_fwd_tiled<T, true, FwdNarrow16> : adder_fwd_tiled<T, false, FwdNarrow16>;
+      SA_LAUNCH(kern, tiled_grid<FwdNarrow16>(g, sp.S), dim3(kThreads), stream, g, xp, (const int2*)ktab,
                 (const float*)wt, yp, st, part, sp.tps, prs, pcs);
     }
     e = cudaGetLastError();
@@ -1315,14 +1329,14 @@ GinKernel gin_kernel(const ConvGeom& g, Algo algo) {
 }
 
 // The split of the tiled grad input (KSplit): stages are (tap, chunk of 8 output channels).
-KSplit gin_split(const ConvGeom& g, Algo algo, int split_k) {
+KSplit gin_split(const ConvGeom& g, Algo algo, const Tuning& tune) {
   const int64_t stages = g.kh * g.kw * ceil_div(g.Og, kBK), P = g.N * g.H * g.W;
   const GinKernel gk = gin_kernel(g, algo);
   if (gk == GinKernel::Direct || P == 0 || stages == 0) return KSplit{1, (int)stages};
   const int bm = gk == GinKernel::Wide ? GinWide::BM : GinNarrow::BM;
   const int bn = gk == GinKernel::Wide ? GinWide::BN : GinNarrow::BN;
   const int64_t tiles = ceil_div(P, bm) * g.G * ceil_div(g.Cg, bn);
-  return k_split(tiles, stages, P * g.C, 1, split_k);  // 1: __launch_bounds__(kThreads, 1), 152-192 registers
+  return k_split(tiles, stages, P * g.C, 1, tune.split_k);  // 1: __launch_bounds__(kThreads, 1), 152-192 registers
 }
 
 enum class GwKernel { Direct, Tiled };
@@ -1386,45 +1400,45 @@ const char* adder_check_sizes(const ConvGeom& g) {
   return nullptr;
 }
 
-size_t adder_forward_workspace(const ConvGeom& g, Algo algo, int split_k) {
+size_t adder_forward_workspace(const ConvGeom& g, Algo algo, const Tuning& tune) {
   if (swap_linear(g)) {
     int64_t xs_w[2];
     const ConvGeom s = swapped(g, xs_w);
-    return fwd_workspace_plain(s, fwd_split(s, algo, split_k));
+    return fwd_workspace_plain(s, fwd_split(s, algo, tune));
   }
-  return fwd_workspace_plain(g, fwd_split(g, algo, split_k));
+  return fwd_workspace_plain(g, fwd_split(g, algo, tune));
 }
 
 cudaError_t adder_forward(const ConvGeom& g, DType dt, const void* x, const void* w, void* y, const int64_t* ys,
-                          void* workspace, size_t workspace_bytes, Algo algo, int split_k, cudaStream_t stream) {
+                          void* workspace, size_t workspace_bytes, Algo algo, const Tuning& tune, cudaStream_t stream) {
   if (adder_check_sizes(g) != nullptr) return cudaErrorInvalidValue;
   if (swap_linear(g)) {
     int64_t xs_w[2];
     const ConvGeom s = swapped(g, xs_w);
     const int64_t ys2[4] = {ys[1], ys[0], 0, 0};
-    return fwd_plain(s, dt, w, x, xs_w[0], xs_w[1], y, ys2, workspace, workspace_bytes, algo, split_k, stream);
+    return fwd_plain(s, dt, w, x, xs_w[0], xs_w[1], y, ys2, workspace, workspace_bytes, algo, tune, stream);
   }
-  return fwd_plain(g, dt, x, w, g.K, 1, y, ys, workspace, workspace_bytes, algo, split_k, stream);
+  return fwd_plain(g, dt, x, w, g.K, 1, y, ys, workspace, workspace_bytes, algo, tune, stream);
 }
 
-size_t adder_grad_input_workspace(const ConvGeom& g, Algo algo, int split_k) {
-  const KSplit sp = gin_split(g, algo, split_k);
+size_t adder_grad_input_workspace(const ConvGeom& g, Algo algo, const Tuning& tune) {
+  const KSplit sp = gin_split(g, algo, tune);
   const size_t part = sp.S > 1 ? align_up((size_t)sp.S * (size_t)(g.N * g.H * g.W * g.C) * sizeof(float)) : 0;
   return align_up((size_t)(g.O * g.K) * sizeof(float)) + align_up(sizeof(int)) + part;
 }
 
 cudaError_t adder_grad_input(const ConvGeom& cg, DType dt, bool exact, const float* gt, const void* x, const void* w,
                              void* dx, const int64_t* dxs, void* workspace, size_t workspace_bytes, Algo algo,
-                             int split_k, cudaStream_t stream) {
+                             const Tuning& tune, cudaStream_t stream) {
   if (adder_check_sizes(cg) != nullptr) return cudaErrorInvalidValue;
   if (cg.N * cg.H * cg.W == 0 || cg.C == 0) return cudaSuccess;
   if (cg.N * cg.Ho * cg.Wo == 0 || cg.Og == 0) return cudaErrorInvalidValue;  // caller returns zeros
-  if (workspace == nullptr || workspace_bytes < adder_grad_input_workspace(cg, algo, split_k))
+  if (workspace == nullptr || workspace_bytes < adder_grad_input_workspace(cg, algo, tune))
     return cudaErrorInvalidValue;
   const DevGeom g = make_dev_geom(cg);
   float* wt2 = static_cast<float*>(workspace);
   int* wbad = reinterpret_cast<int*>(static_cast<char*>(workspace) + align_up((size_t)(cg.O * cg.K) * sizeof(float)));
-  const KSplit sp = gin_split(cg, algo, split_k);
+  const KSplit sp = gin_split(cg, algo, tune);
   float* part = sp.S > 1 ? reinterpret_cast<float*>(reinterpret_cast<char*>(wbad) + align_up(sizeof(int))) : nullptr;
   const Strides4 st = make_strides(dxs);
   const bool rfast = st.c != 1;  // partial sums laid out like dx

@@ -32,6 +32,19 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 // added to float32 (error about that of float16 sums of 16 terms, not of K), for every shape.
 enum class Algo : int { Auto = 0, Tiled = 1, Direct = 2, Fp16x2 = 3 };
 
+// Choices of the tiled forward and grad input kernels that have not yet run on a GPU: off
+// by default until a GPU run has tested and timed them (the glue, csrc/cuda/adder.cpp, reads
+// them from SHIFTADD_CUDA_SPLIT_K and SHIFTADD_CUDA_TILES).  Results stay deterministic.
+struct Tuning {
+  // Reduction splits (split-K) when the output tiles alone leave SMs idle: < 0 by the rule
+  // of k_split (adder_kernels.cu), 0 or 1 never, N > 1 at most N.  Not for the fp16x2
+  // forward.  The float32 sums are rounded differently with a split.
+  int split_k = 0;
+  // Forward tile widths fitted to the output channels: 16 wide for Og <= 16, 32 wide for
+  // Og <= 64, else 128 (without: 32 wide up to Og = 32, then 128).  Not for fp16x2.
+  bool fit_tiles = false;
+};
+
 // The conv geometry, same fields and meaning as shiftadd::Geom in csrc/shiftadd.h (kept
 // free of torch types).  A linear layer is H = W = kh = kw = 1, xsH = xsW = 0.
 struct ConvGeom {
@@ -53,14 +66,12 @@ const char* adder_check_sizes(const ConvGeom& g);
 // Adder forward.  x: dtype dt, strides g.xs*; w: contiguous (O, Cg, kh, kw), dtype dt;
 // y: dtype dt, element strides ys = {n, o, oy, ox} (linear: {n, o, 0, 0}).  Requires
 // g.K > 0 (the caller fills y with zeros when K == 0); nothing is launched when R or
-// Og is 0.  Workspace: adder_forward_workspace(g, algo, split_k) bytes of device memory,
+// Og is 0.  Workspace: adder_forward_workspace(g, algo, tune) bytes of device memory,
 // aligned to 256 bytes (a packed weight copy, the im2col column table, split partial sums).
-// split_k: reduction splits of the tiled float32-accumulating forward when its tiles alone
-// leave SMs idle: < 0 by the rule of k_split (adder_kernels.cu), 0 or 1 never, N > 1 at
-// most N.  Deterministic either way; the sums' rounding differs with the split.
-size_t adder_forward_workspace(const ConvGeom& g, Algo algo, int split_k);
+size_t adder_forward_workspace(const ConvGeom& g, Algo algo, const Tuning& tune);
 cudaError_t adder_forward(const ConvGeom& g, DType dt, const void* x, const void* w, void* y, const int64_t* ys,
-                          void* workspace, size_t workspace_bytes, Algo algo, int split_k, cudaStream_t stream);
+                          void* workspace, size_t workspace_bytes, Algo algo, const Tuning& tune,
+                          cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------
 // Adder grad input (gather formulation, no atomics: each output element of dx is
@@ -68,11 +79,11 @@ cudaError_t adder_forward(const ConvGeom& g, DType dt, const void* x, const void
 // gt: grad_out as float32, contiguous (O, R) (row o = output channel, column r = n Ho Wo
 // position); x, w as for the forward; dx: dtype dt, element strides dxs = {n, c, y, x}
 // (linear: {n, c, 0, 0}).  exact: sign instead of hardtanh.  Requires R > 0 and
-// Og > 0 (the caller returns zeros otherwise).  split_k as for the forward (tiled kernel).
-size_t adder_grad_input_workspace(const ConvGeom& g, Algo algo, int split_k);
+// Og > 0 (the caller returns zeros otherwise).
+size_t adder_grad_input_workspace(const ConvGeom& g, Algo algo, const Tuning& tune);
 cudaError_t adder_grad_input(const ConvGeom& g, DType dt, bool exact, const float* gt, const void* x, const void* w,
                              void* dx, const int64_t* dxs, void* workspace, size_t workspace_bytes, Algo algo,
-                             int split_k, cudaStream_t stream);
+                             const Tuning& tune, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------
 // Adder grad weight, exact (sign) mode.  Deterministic: rows are split across blocks

@@ -18,9 +18,10 @@ forward with float32 sums, with the largest relative difference between the two;
 "/ mult" is against the float16 multiplication layer (cuBLAS / cuDNN tensor cores), their
 "x unfold" and "x cdist" against the float32 baselines.
 
-On CUDA, rows "cuda split-K auto" time the forward, input gradient and training step with
-the reduction splits of SHIFTADD_CUDA_SPLIT_K=auto (for layers with too few output tiles
-to fill the GPU; not yet the default), with the largest difference to the unsplit forward.
+On CUDA, rows "cuda tiles ..., split-K ..." time the forward, input gradient and training
+step with the kernel choices that are not yet the default (SHIFTADD_CUDA_TILES=fit: forward
+tiles fitted to the channels; SHIFTADD_CUDA_SPLIT_K=auto: reduction splits for layers with
+too few output tiles to fill the GPU), with the largest difference to the default forward.
 
 Columns: ms (median), G adder-MAC/s, x unfold and x cdist (their time over this row's:
 speed-ups), / mult (this row's time over the multiplication layer's), peak MB (CUDA).
@@ -200,19 +201,20 @@ def run_case(case: Case, device: torch.device, include_reference: bool = True, m
         add("grad weight (exact)", b, lambda: _ops.op(b, case.family + "_grad_weight")(g, x, w, *args, "exact"))
         t = add("train step", b, lambda: torch.autograd.grad(op(xg, wg, *args, "addernet"), (xg, wg), g))
         rows[-1]["/ mult"] = t / base["mult step"]
-    if "cuda" in backends_for(case.family, device, False):  # the reduction splits, auto rule (not yet the default)
+    if "cuda" in backends_for(case.family, device, False):  # kernel choices not yet the default
         op = _ops.op("cuda", case.family)
-        with _env("SHIFTADD_CUDA_SPLIT_K", "auto"):
-            t = add("forward", "cuda split-K auto", lambda: op(x, w, *args, "addernet"))
-            rows[-1].update(_ratios(t, base, "mult"))
-            add("grad input (addernet)", "cuda split-K auto",
-                lambda: _ops.op("cuda", case.family + "_grad_input")(g, x, w, *args, "addernet"))
-            t = add("train step", "cuda split-K auto", lambda: torch.autograd.grad(op(xg, wg, *args, "addernet"),
-                                                                                 (xg, wg), g))
-            rows[-1]["/ mult"] = t / base["mult step"]
-            y_split = op(x, w, *args, "addernet").double()
-        d = (y_split - op(x, w, *args, "addernet").double()).abs().max()
-        rows[-1]["note"] = f"forward: max abs. diff to no split {d:.1e}"
+        for tiles, splits in (("fit", "off"), ("classic", "auto"), ("fit", "auto")):
+            impl = f"cuda tiles {tiles}, split-K {splits}"
+            with _env("SHIFTADD_CUDA_TILES", tiles), _env("SHIFTADD_CUDA_SPLIT_K", splits):
+                t = add("forward", impl, lambda: op(x, w, *args, "addernet"))
+                rows[-1].update(_ratios(t, base, "mult"))
+                add("grad input (addernet)", impl,
+                    lambda: _ops.op("cuda", case.family + "_grad_input")(g, x, w, *args, "addernet"))
+                t = add("train step", impl, lambda: torch.autograd.grad(op(xg, wg, *args, "addernet"), (xg, wg), g))
+                rows[-1]["/ mult"] = t / base["mult step"]
+                y_new = op(x, w, *args, "addernet").double()
+            d = (y_new - op(x, w, *args, "addernet").double()).abs().max()
+            rows[-1]["note"] = f"forward: max abs. diff to the default choice {d:.1e}"
     fam16 = case.family + "_fp16x2"
     if _dispatch.why_not("cuda", fam16, device, torch.float16) is None:  # float16 forwards: float32 and fp16x2 sums
         x16, w16 = x.half(), w.half()
