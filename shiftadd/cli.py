@@ -26,8 +26,11 @@ def _energy(argv) -> int:
     """`shiftadd energy ARCH.json` (a searched architecture) or `--model NAME ...` (the zoo)."""
     from .nas import cost
 
-    if argv and argv[0].endswith(".json"):
+    # an architecture file is a positional .json argument (not the value of --json), anywhere
+    positional = [x for i, x in enumerate(argv) if not x.startswith("-") and (i == 0 or argv[i - 1] != "--json")]
+    if "--model" not in argv and any(x.endswith(".json") for x in positional):
         import argparse
+        import json
 
         from .nas.net import GeneNet
         from .nas.pipeline import load_arch
@@ -36,10 +39,19 @@ def _energy(argv) -> int:
         p.add_argument("arch")
         p.add_argument("--precision", default="fp32", choices=cost.PRECISIONS)
         p.add_argument("--convention", default="paper", choices=cost.CONVENTIONS)
+        p.add_argument("--count-aux", action="store_true", help="also count BatchNorm, ReLU and pooling (per element)")
+        p.add_argument("--json", metavar="FILE", help="also write the per-layer costs as JSON")
         a = p.parse_args(argv)
         space, gene = load_arch(a.arch)
-        print(cost.energy_table(GeneNet(space, gene), (space.in_channels, space.image_size, space.image_size),
-                                precision=a.precision, convention=a.convention))
+        shape = (space.in_channels, space.image_size, space.image_size)
+        costs = cost.layer_costs(GeneNet(space, gene), shape, a.precision, a.convention, count_aux=a.count_aux)
+        print(cost.energy_table(costs))
+        if a.json:
+            data = {"arch": a.arch, "input": list(shape), "precision": a.precision, "convention": a.convention,
+                    "total_uj": sum(c.energy_uj for c in costs),
+                    "layers": [{"name": c.name, "op": c.op, "macs": c.macs, "energy_uj": c.energy_uj} for c in costs]}
+            with open(a.json, "w") as f:
+                json.dump(data, f, indent=1)
         return 0
     return cost.main_energy(argv)
 
@@ -49,7 +61,16 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    cmd, rest = argv[0], argv[1:]
+    from ._cli import RunError
+
+    try:
+        return _run(argv[0], argv[1:])
+    except RunError as e:  # a run's settings or files: the message says what and where
+        print(f"shiftadd {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(cmd: str, rest: list) -> int:
     if cmd == "info":
         from .info import main as info_main
 

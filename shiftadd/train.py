@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._cli import RunError, check_device, float_min, int_min
 from .data import DATASETS, Splits, epoch_seed, load_dataset, make_loaders
 from .models import MODELS, VARIANTS, build_model
 from .nn import ShiftConv2d, ShiftLinear, renormalize_eta_grads
@@ -398,11 +399,21 @@ def train(model: nn.Module, splits: Splits, epochs: Optional[int] = None, batch_
         scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
         hist = {k: [] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")}
         start = 0
+        run = {"seed": seed, "recipe": dataclasses.asdict(recipe), "meta": meta or {},
+               "run": {"dataset": splits.name, "sizes": splits.sizes(), "amp": amp,
+                       "world_size": dist.get_world_size() if dist else 1}}
+        if not resume and is_main and ckpt_path and os.path.isfile(ckpt_path):
+            print(f"note: {out_dir} holds a checkpoint of an earlier run; starting over (--resume continues it)",
+                  file=sys.stderr)
         if resume and os.path.isfile(ckpt_path):
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
+            ck = read_checkpoint(ckpt_path)
             if ck["epochs"] != epochs:
-                raise ValueError(f"{ckpt_path} is a run of {ck['epochs']} epochs; resume it with epochs={ck['epochs']}"
-                                 f" (got {epochs}) or use a new out_dir")
+                raise RunError(f"{ckpt_path} is a run of {ck['epochs']} epochs; resume it with epochs={ck['epochs']}"
+                               f" (got {epochs}) or use a new out_dir")
+            diff = _settings_diff({k: ck[k] for k in run if k in ck}, run)
+            if diff:
+                raise RunError(f"{ckpt_path} was trained with other settings than this run would continue with: "
+                               f"{'; '.join(diff[:6])}; resume with the original arguments or use a new out_dir")
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
@@ -459,8 +470,7 @@ def train(model: nn.Module, splits: Splits, epochs: Optional[int] = None, batch_
                 atomic_save({"epoch": epoch + 1, "epochs": epochs, "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                             "rng": _rng_state(loaders), "rank": rank, "history": hist, "seed": seed,
-                             "recipe": dataclasses.asdict(recipe), "meta": meta or {}}, ckpt_path)
+                             "rng": _rng_state(loaders), "rank": rank, "history": hist, **run}, ckpt_path)
                 atomic_json(hist, os.path.join(out_dir, "history.json"))
             if epoch_bar is not None:
                 epoch_bar.update(1)
@@ -487,6 +497,33 @@ def train(model: nn.Module, splits: Splits, epochs: Optional[int] = None, batch_
         return hist
     finally:
         cleanup.close()
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load of a run's checkpoint on the CPU (RNG states must stay there); RunError
+    naming the file when it cannot be read (cut short by a kill during a non-atomic copy,
+    another file)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # zip reader, unpickling, OS errors: all mean an unusable file
+        raise RunError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); remove it to start over, "
+                       "or run without --resume") from e
+    if not isinstance(ck, dict):
+        raise RunError(f"{path} is not a checkpoint of this tool (a {type(ck).__name__}); remove it or run without "
+                       "--resume")
+    return ck
+
+
+def _settings_diff(old, new, prefix: str = "") -> list:
+    """'key: old -> new' for each leaf where two settings dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _settings_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        old, new = list(old), list(new)
+    return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
 
 
 @contextlib.contextmanager
@@ -537,26 +574,26 @@ def build_parser() -> argparse.ArgumentParser:
     a("--variant", default="conv", choices=VARIANTS)
     a("--data", default="digits", choices=DATASETS)
     a("--data-dir", default=None, help="local CIFAR directory (never downloaded)")
-    a("--upscale", type=int, default=None, help="resize images to NxN (e.g. 32 for digits at CIFAR size)")
-    a("--epochs", type=int, default=None, help="default: 15 on digits, 200 on CIFAR")
-    a("--batch-size", type=int, default=None, help="default: 64 on digits, 128 on CIFAR (per process)")
-    a("--lr", type=float, default=None, help="default: 0.1 (sgd), 1e-3 (adam/radam)")
-    a("--shift-lr", type=float, default=None, help="lr of PS shift/sign parameters (default 0.01 sgd, 1e-2 adam)")
-    a("--weight-decay", type=float, default=None, help="default 5e-4")
-    a("--momentum", type=float, default=None, help="SGD momentum, default 0.9")
+    a("--upscale", type=int_min(1), default=None, help="resize images to NxN (e.g. 32 for digits at CIFAR size)")
+    a("--epochs", type=int_min(1), default=None, help="default: 15 on digits, 200 on CIFAR")
+    a("--batch-size", type=int_min(1), default=None, help="default: 64 on digits, 128 on CIFAR (per process)")
+    a("--lr", type=float_min(0, inclusive=False), default=None, help="default: 0.1 (sgd), 1e-3 (adam/radam)")
+    a("--shift-lr", type=float_min(0, inclusive=False), default=None, help="lr of PS shift/sign parameters (default 0.01 sgd, 1e-2 adam)")
+    a("--weight-decay", type=float_min(0), default=None, help="default 5e-4")
+    a("--momentum", type=float_min(0), default=None, help="SGD momentum, default 0.9")
     a("--optimizer", default=None, choices=OPTIMIZERS, help="default adam for shift-ps, else sgd")
-    a("--width", type=float, default=1.0, help="channel width multiplier")
+    a("--width", type=float_min(0, inclusive=False), default=1.0, help="channel width multiplier")
     a("--mode", default=None, choices=("ps", "q"), help="shift mode (default ps)")
-    a("--weight-bits", type=int, default=None, help="shift weight bits (default 5)")
-    a("--eta", type=float, default=None, help="adder adaptive gradient scale (default 0.2)")
+    a("--weight-bits", type=int, choices=range(2, 9), metavar="{2..8}", default=None, help="shift weight bits (default 5)")
+    a("--eta", type=float_min(0, inclusive=False), default=None, help="adder adaptive gradient scale (default 0.2)")
     a("--grad-mode", default=None, choices=("addernet", "exact"), help="adder gradient (default addernet)")
     a("--seed", type=int, default=0)
     a("--out", default=None, help="output directory (default runs/MODEL-VARIANT-DATA-sSEED)")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     a("--amp", action="store_true", help="autocast: bfloat16 on CPU, float16 + GradScaler on CUDA")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    a("--num-workers", type=int, default=0)
-    a("--threads", type=int, default=None,
+    a("--num-workers", type=int_min(0), default=0)
+    a("--threads", type=int_min(1), default=None,
       help="torch CPU threads (default 1 for 8x8 digits, whose tensors are too small for threads to pay, "
            "torch's default otherwise)")
     a("--no-progress", action="store_true", help="no tqdm bars")
@@ -572,12 +609,15 @@ def main(argv=None) -> int:
         elif args.data == "digits" and (args.upscale or 8) <= 16:
             torch.set_num_threads(1)
         return _main(args)
+    except RunError as e:
+        print(f"shiftadd train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(prev_threads)
 
 
 def _main(args) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device("--device", args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, device = init_distributed(device)
     layer_kw = {k: v for k, v in (("mode", args.mode), ("weight_bits", args.weight_bits), ("eta", args.eta),
                                   ("grad_mode", args.grad_mode)) if v is not None}

@@ -180,6 +180,30 @@ def test_main_energy_builder_and_saved_model(tmp_path, capsys):
     assert _rows(capsys.readouterr().out)["total"][-3] == f"{4 * 64 * 9 + 2560:,}"
 
 
+def test_energy_command_arch_file_and_saved_zoo_model(tmp_path, capsys):
+    from shiftadd import train as T
+    from shiftadd.cli import main as cli_main
+    from shiftadd.nas.pipeline import GeneCosts
+    from shiftadd.nas.space import get_space
+
+    sp = get_space("digits")
+    gene = sp.uniform("adder")
+    arch = tmp_path / "best.json"
+    arch.write_text(json.dumps({"gene": gene, "space": sp.to_dict()}))
+    # options before the file, and --json, in the architecture mode
+    assert cli_main(["energy", "--precision", "fp32", str(arch), "--json", str(tmp_path / "a.json")]) == 0
+    assert "total" in capsys.readouterr().out
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["total_uj"] == pytest.approx(GeneCosts(sp)(gene)["energy_uJ"]) and data["input"] == [1, 8, 8]
+    # a `shiftadd train` model.pt of digits: the input shape comes from the file
+    out = tmp_path / "run"
+    assert T.main(["--epochs", "1", "--batch-size", "256", "--width", "0.25", "--out", str(out),
+                   "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli_main(["energy", "--model", str(out / "model.pt")]) == 0
+    assert "input 1x8x8" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------- latency
 
 TINY = [LayerConfig(2, 2, 3, 1, 4, 4), LayerConfig(2, 4, 1, 2, 4, 4)]

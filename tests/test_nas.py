@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from shiftadd._cli import RunError
 from shiftadd.nas.augment import AugNet
 from shiftadd.nas.net import GeneNet
 from shiftadd.nas.pipeline import GeneCosts, main as nas_main
@@ -229,7 +230,7 @@ def test_budget_is_respected(space, digits, tmp_path, strategy):
 
 
 def test_impossible_budget_fails_before_training(space, digits, tmp_path):
-    with pytest.raises(RuntimeError, match="meets the budget"):
+    with pytest.raises(RunError, match="meets the budget"):
         _search(space, digits, tmp_path, "evo", budget={"energy_uJ": 1e-6})
     assert not (tmp_path / "state.pt").exists()
 
@@ -330,9 +331,99 @@ def test_verdict_difference_and_standard_error():
     assert verdict(tie)["z"] == 0.0 and not verdict(tie)["beats"]
 
 
-def test_pipeline_rejects_a_seed_count_below_one(tmp_path):
-    with pytest.raises(ValueError, match="--seeds must be at least 1"):
-        nas_main("pipeline", ["--quick", "--out", str(tmp_path), "--seeds", "0"])
+def test_pipeline_rejects_a_seed_count_below_one(tmp_path, capsys):
+    for arg, value in (("--seeds", "0"), ("--epochs", "0"), ("--epochs", "-1"), ("--random", "-1")):
+        with pytest.raises(SystemExit) as e:
+            nas_main("pipeline", ["--quick", "--out", str(tmp_path), arg, value])
+        assert e.value.code == 2 and f"argument {arg}: must be >= " in capsys.readouterr().err
+
+
+def test_pipeline_resume_retrains_results_of_other_epochs(tmp_path):
+    out = tmp_path / "main"
+    args = ["--quick", "--out", str(out), "--random", "0", "--epochs", "1"]
+    nas_main("pipeline", args)
+    assert {r["epochs"] for r in json.loads((out / "retrain.json").read_text())} == {1}
+    nas_main("pipeline", args[:-1] + ["2", "--resume"])
+    assert {r["epochs"] for r in json.loads((out / "retrain.json").read_text())} == {2}
+    assert "for 2 epochs" in (out / "report.md").read_text()
+
+
+def run_cli(argv, capsys):
+    from shiftadd.cli import main as cli_main
+
+    rc = cli_main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name: s\nstages: [{depth: 1, widths: [8]}]\nops: []", "ops must be a non-empty list"),
+    ("name: s\nstages: [{depth: 1, widths: [8], stride: 2}]\nops: [skip]", "besides skip"),
+    ("name: s\nstages: [{depth: 1, widths: [8]}]\nops: conv", "ops must be a non-empty list"),
+    ("name: s\nstages: [{depth: 1, widths: [8]}]\nkernels: []", "kernels must be a non-empty list"),
+    ("name: s\nstages: [{depth: 1, widths: [8]}]\nkernels: [0]", "kernels must be an integer >= 1"),
+    ("name: s\nstages: [{depth: 1, widths: [8]}]\nkernels: [2, 4]", "kernels must be odd"),
+    ("name: s\nstages: [{depth: 1, widths: [0]}]", "widths must be an integer >= 1"),
+    ("name: s\nstages: [{depth: 1, widths: [8], stride: 0}]", "stride must be an integer >= 1"),
+    ("name: s\nstages: [{depth: 0, widths: [8]}]", "depth must be an integer >= 1"),
+    ("name: s\nstages: [{depth: 1, widths: [8]}]\nstem: 0", "stem must be an integer >= 1"),
+    ("name: s\nstages: [{depth: 1, width: [8]}]", "must have depth, widths"),
+    ("name: s\nstages: []", "stages must be a non-empty list"),
+    ("stages: [{depth: 1, widths: [8]}]", "name and stages are required"),
+    ("name: s\nstages: [{depth: 1, widths: [8]}]\nwidth: 3", "name and stages are required"),
+    ("- name: s", "is a mapping of its fields"),
+])
+def test_space_files_with_bad_values_are_refused_clearly(tmp_path, text, match):
+    pytest.importorskip("yaml")
+    from shiftadd._cli import RunError
+
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(RunError, match=match):
+        SearchSpace.load(str(path))
+
+
+def test_search_arguments_are_checked_before_any_work(tmp_path, capsys):
+    base = ["search", "--out", str(tmp_path / "s"), "--epochs", "1"]
+    for extra, match in ((["--budget", "energy_uJ=nan"], "finite numbers > 0"),
+                         (["--budget", "energy_uJ=1,energy_uJ=2"], "energy_uJ twice"),
+                         (["--space", "nosuch"], "neither a preset"),
+                         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "bogus"],
+                          "--device")):
+        rc, err = run_cli(base + extra, capsys)
+        assert rc == 2 and match in err, (extra, err)
+    for extra in (["--population", "0"], ["--generations", "-1"], ["--epochs", "0"]):
+        with pytest.raises(SystemExit):
+            run_cli(base + extra, capsys)
+        assert "must be >= " in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_rank_asks_for_no_more_subnets_than_the_space_has(tmp_path, capsys):
+    rc, err = run_cli(["rank", "--space", "shiftaddaug", "--subnets", "9", "--out", str(tmp_path / "r")], capsys)
+    assert rc == 2 and "only 8 distinct subnets" in err
+    with pytest.raises(SystemExit):
+        run_cli(["rank", "--shares", "naive,foo"], capsys)
+    assert "among none, naive, hetero" in capsys.readouterr().err
+
+
+def test_retrain_takes_the_data_the_arch_was_searched_on(tmp_path, space):
+    from shiftadd.nas.pipeline import run_retrain
+
+    sp = get_space("digits", image_size=16)
+    arch = tmp_path / "best.json"
+    arch.write_text(json.dumps({"gene": sp.uniform("conv", widths=[8, 16, 32]), "space": sp.to_dict(),
+                                "data": "digits", "upscale": 16}))
+    import argparse
+
+    a = argparse.Namespace(arch=str(arch), epochs=1, augment=False, out=str(tmp_path / "re"), data=None,
+                           data_dir=None, upscale=None, seed=0, device="cpu")
+    notes = []
+    r = run_retrain(a, log=notes.append)
+    want = GeneCosts(sp)(sp.uniform("conv", widths=[8, 16, 32]))["energy_uJ"]
+    assert r["energy_uJ"] == pytest.approx(want) and not any(n.startswith("note") for n in notes)
+    a.upscale = 8  # another size: allowed (a transfer), and said
+    r8 = run_retrain(a, log=notes.append)
+    assert r8["energy_uJ"] < want and any("searched on digits upscaled to 16" in n for n in notes)
 
 
 def test_remap_gradients_are_bit_identical_from_call_to_call():

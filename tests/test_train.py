@@ -305,6 +305,33 @@ def test_resume_rejects_other_epoch_count(digits, tmp_path):
                 resume=True, progress=False)
 
 
+def test_resume_refuses_other_settings_and_unreadable_checkpoints(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["--epochs", "1", "--batch-size", "256", "--width", "0.25", "--out", out, "--no-progress"]
+    assert T.main(base) == 0
+    final = (tmp_path / "run" / "final.json").read_text()
+    capsys.readouterr()
+    assert T.main(base + ["--variant", "adder", "--lr", "0.5", "--seed", "9", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "meta.variant 'conv' -> 'adder'" in err and "seed 0 -> 9" in err
+    assert (tmp_path / "run" / "final.json").read_text() == final  # nothing rewritten
+    ck = tmp_path / "run" / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    assert T.main(base + ["--resume"]) == 2
+    assert "cannot read the checkpoint" in capsys.readouterr().err
+
+
+def test_cli_arguments_are_checked(capsys):
+    for arg, value in (("--epochs", "0"), ("--batch-size", "0"), ("--lr", "-1"), ("--width", "0"),
+                       ("--threads", "-1"), ("--upscale", "0"), ("--weight-bits", "9"), ("--num-workers", "-1")):
+        with pytest.raises(SystemExit) as e:
+            T.main([arg, value])
+        assert e.value.code == 2 and f"argument {arg}" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert T.main(["--device", "cuda", "--epochs", "1"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variant", ["conv", "adder"])
 def test_amp_bfloat16_cpu(digits, variant):
     torch.manual_seed(0)

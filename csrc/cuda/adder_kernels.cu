@@ -1216,7 +1216,6 @@ KSplit k_split(int64_t tiles, int64_t stages, int64_t out_elems, int resident, i
   return KSplit{(int)ceil_div(stages, tps), (int)tps};
 }
 
-
 // The split of the float32-accumulating tiled forward (none for the direct and fp16x2
 // kernels: fp16x2's chunked sums are defined over the whole reduction in order).
 KSplit fwd_split(const ConvGeom& g, Algo algo, const Tuning& tune) {

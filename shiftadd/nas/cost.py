@@ -61,6 +61,7 @@ from torch import nn
 
 from .. import __version__
 from .. import nn as snn
+from .._cli import int_min
 from .._timing import measure
 
 # ----------------------------------------------------------------------------------------
@@ -444,6 +445,23 @@ def _parse_width(s: str):
         return float(s)
 
 
+def saved_input_shape(path: str) -> Optional[tuple]:
+    """(C, H, W) of one input of the model in a model.pt of `shiftadd train` (its meta) or of
+    a NAS retrain (its space); None when the file does not record it."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        return None
+    meta = obj.get("meta", obj) if isinstance(obj, dict) else {}
+    if isinstance(meta.get("space"), dict):
+        sp = meta["space"]
+        if "in_channels" in sp and "image_size" in sp:
+            return (sp["in_channels"], sp["image_size"], sp["image_size"])
+    if "in_channels" in meta and meta.get("image_size"):
+        return (meta["in_channels"], meta["image_size"], meta["image_size"])
+    return None
+
+
 def _load_model_file(path: str) -> nn.Module:
     """A saved nn.Module, a zoo model.pt of `shiftadd train`, or a NAS model.pt (gene + space)."""
     obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -488,8 +506,9 @@ def main_energy(argv: Optional[Sequence[str]] = None, builder: Optional[Callable
                    help="model name (shiftadd.models.build_model) or path to a saved model .pt")
     p.add_argument("--variant", default="conv",
                    help="model variant given to build_model (e.g. conv, adder, shift, shiftadd)")
-    p.add_argument("--input", type=_parse_ints, default=(3, 32, 32), help="one sample's shape C,H,W (default 3,32,32)")
-    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    p.add_argument("--input", type=_parse_ints, default=None,
+                   help="one sample's shape C,H,W (default: what a saved model.pt records, else 3,32,32)")
+    p.add_argument("--classes", type=int_min(1), default=10, help="number of classes (default 10)")
     p.add_argument("--width", type=_parse_width, default=None,
                    help="width given to build_model (its default if absent)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -501,6 +520,8 @@ def main_energy(argv: Optional[Sequence[str]] = None, builder: Optional[Callable
     if os.path.isfile(a.model) or a.model.endswith((".pt", ".pth")):
         model = _load_model_file(a.model)
         source = a.model
+        if a.input is None:
+            a.input = saved_input_shape(a.model)
     else:
         if builder is None:
             try:
@@ -512,6 +533,7 @@ def main_energy(argv: Optional[Sequence[str]] = None, builder: Optional[Callable
             kw["width"] = a.width
         model = builder(a.model, **kw)
         source = f"{a.model} ({a.variant}, {a.classes} classes)"
+    a.input = a.input or (3, 32, 32)
     costs = layer_costs(model, a.input, a.precision, a.convention, count_aux=a.count_aux)
     print(f"model: {source}, input {'x'.join(map(str, a.input))}")
     print(energy_table(costs))
@@ -874,15 +896,15 @@ def main_profile_latency(argv: Optional[Sequence[str]] = None) -> int:
                    "groups]} (or 6-8 int lists), or {'configs': [...], 'ops': [...]}")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default",
                    help="built-in configs when no --configs: ResNet-20 layers at 8x8 (digits), 32x32 (cifar) or both")
-    p.add_argument("--batch", type=int, default=None, help="override the batch of every config")
+    p.add_argument("--batch", type=int_min(1), default=None, help="override the batch of every config")
     p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(LATENCY_OPS)}")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--cache-dir", default=None, help="directory of the cache files (default $SHIFTADD_CACHE_DIR/"
                    "latency or ~/.cache/shiftadd/latency)")
     p.add_argument("--refresh", action="store_true", help="ignore the cache, re-measure everything")
     p.add_argument("--no-save", action="store_true", help="do not read or write the cache")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int_min(0), default=3)
+    p.add_argument("--repeats", type=int_min(1), default=10)
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
 
     file_ops = None

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .. import __version__
+from .._cli import RunError, check_device, float_min, int_min
 from . import cost
 from .net import SHIFT_MODE, GeneNet
 from .search import STRATEGIES, Search, SearchConfig, TensorData, pareto_front
@@ -124,7 +125,7 @@ def retrain(space: SearchSpace, gene: dict, splits, epochs: int, seed: int = 0, 
 
     augment: False (the zoo's training recipe for the net's operators), True (ShiftAddAug)
     or "ablation" (the ShiftAddAug training of the tiny net without the wide net)."""
-    from ..train import evaluate, recipe_for, train
+    from ..train import atomic_save, evaluate, recipe_for, train
     from ..data import make_loaders
 
     t0 = time.time()
@@ -138,9 +139,8 @@ def retrain(space: SearchSpace, gene: dict, splits, epochs: int, seed: int = 0, 
         _, test_acc = evaluate(net, loaders.test, device)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
-            torch.save({"gene": gene, "space": space.to_dict(), "layer_kwargs": net.layer_kwargs,
-                        "state_dict": net.state_dict()},
-                       os.path.join(out_dir, "model.pt"))
+            atomic_save({"gene": gene, "space": space.to_dict(), "layer_kwargs": net.layer_kwargs,
+                         "state_dict": net.state_dict()}, os.path.join(out_dir, "model.pt"))
     else:
         torch.manual_seed(seed)
         net = GeneNet(space, gene)
@@ -167,16 +167,29 @@ def _parse_budget(items) -> dict:
             if not part:
                 continue
             k, _, v = part.partition("=")
-            if k not in ("energy_uJ", "latency_ms") or not v:
-                raise SystemExit(f"--budget takes energy_uJ=X and/or latency_ms=Y, got {part!r}")
-            out[k] = float(v)
+            try:
+                x = float(v)
+            except ValueError:
+                x = float("nan")
+            if k not in ("energy_uJ", "latency_ms") or not (math.isfinite(x) and x > 0):
+                raise RunError(f"--budget takes energy_uJ=X and/or latency_ms=Y with X, Y finite numbers > 0, "
+                               f"got {part!r}")
+            if k in out and out[k] != x:
+                raise RunError(f"--budget gives {k} twice ({out[k]} and {x})")
+            out[k] = x
     return out
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits", help="digits (bundled), cifar10 or cifar100 (from --data-dir)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--upscale", type=int, default=None, help="resize the images to this size")
+def _common(p: argparse.ArgumentParser, from_arch: bool = False) -> None:
+    if from_arch:  # retrain / augment-compare: the data the architecture was searched on, unless given
+        p.add_argument("--data", default=None, help="digits, cifar10 or cifar100 (default: the arch file's data)")
+        p.add_argument("--data-dir", default=None)
+        p.add_argument("--upscale", type=int_min(1), default=None, help="resize the images to this size "
+                                                                        "(default: the arch file's)")
+    else:
+        p.add_argument("--data", default="digits", help="digits (bundled), cifar10 or cifar100 (from --data-dir)")
+        p.add_argument("--data-dir", default=None)
+        p.add_argument("--upscale", type=int_min(1), default=None, help="resize the images to this size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -238,9 +251,9 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", action="append", help="constraints, e.g. energy_uJ=2.5,latency_ms=1.0")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--epochs", type=int, default=None, help="supernet (evo, random) or DARTS epochs")
-    p.add_argument("--generations", type=int, default=None)
-    p.add_argument("--population", type=int, default=None)
+    p.add_argument("--epochs", type=int_min(1), default=None, help="supernet (evo, random) or DARTS epochs")
+    p.add_argument("--generations", type=int_min(0), default=None)
+    p.add_argument("--population", type=int_min(1), default=None)
     p.add_argument("--latency", action="store_true", help="measure latency (always on with a latency budget)")
     _common(p)
     return p
@@ -263,6 +276,7 @@ def make_config(a, space_name: str) -> SearchConfig:
 
 
 def run_search(a, splits=None, log=print) -> dict:
+    check_device("--device", a.device)
     splits = splits or load_data(a.data, a.data_dir, a.upscale)
     space = space_for(a.space, splits)
     space_name = a.space if a.space in PRESETS else space.name
@@ -278,8 +292,9 @@ def run_search(a, splits=None, log=print) -> dict:
     res["config"] = asdict(cfg)
     res["space"] = space.to_dict()
     if res["best"] is None:
-        raise SystemExit(f"no evaluated architecture meets the budget {cfg.budget}")
-    _write_json(os.path.join(a.out, "best.json"), {**res["best"], "space": space.to_dict(), "data": a.data})
+        raise RunError(f"no evaluated architecture meets the budget {cfg.budget}")
+    _write_json(os.path.join(a.out, "best.json"), {**res["best"], "space": space.to_dict(), "data": a.data,
+                                                   "upscale": a.upscale})
     _write_json(os.path.join(a.out, "search.json"), {k: v for k, v in res.items() if k != "history"} |
                 {"archive": s.archive, "history": res["history"]})
     log(f"best: val acc {res['best']['acc']:.4f}, energy {res['best']['energy_uJ']:.3f} uJ, "
@@ -290,17 +305,37 @@ def run_search(a, splits=None, log=print) -> dict:
 def retrain_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shiftadd retrain", description="Train a searched architecture from scratch.")
     p.add_argument("--arch", required=True, help="best.json of a search (or any JSON with 'gene' and 'space')")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int_min(1), default=30)
     p.add_argument("--augment", action="store_true", help="ShiftAddAug: train inside a wider multiplicative net")
     p.add_argument("--out", default=None, help="default: next to the arch file")
-    _common(p)
+    _common(p, from_arch=True)
     return p
+
+
+def arch_data(a, log=print) -> tuple:
+    """(data, upscale) to retrain the arch file a.arch on: a.data / a.upscale where given,
+    else those it was searched on (best.json records them; digits for files without).  A
+    different dataset or size is allowed (a transfer), and said."""
+    d = _read_json(a.arch)
+    rec_data, rec_up = (d.get("data"), d.get("upscale")) if isinstance(d, dict) else (None, None)
+    data = a.data or rec_data or "digits"
+    upscale = a.upscale if a.upscale is not None else (rec_up if a.data in (None, rec_data) else None)
+    if rec_data is not None and (data, upscale) != (rec_data, rec_up):
+        log(f"note: {a.arch} was searched on {rec_data}" + (f" upscaled to {rec_up}" if rec_up else "") +
+            f"; training it on {data}" + (f" upscaled to {upscale}" if upscale else "") +
+            " (its input shape, and so its energy, change with the data)")
+    return data, upscale
 
 
 def load_arch(path: str, splits=None) -> tuple:
     """(space, gene) of a best.json (or any JSON with "gene" and "space"); `splits` (when
     given) sets the data's channels, classes and image size."""
-    d = _read_json(path)
+    try:
+        d = _read_json(path)
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"--arch {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise RunError(f"--arch {path}: expected a JSON object with 'gene' and 'space', got a {type(d).__name__}")
     gene = d.get("gene", d)
     if isinstance(d.get("space"), dict):
         space = SearchSpace.from_dict(d["space"])
@@ -312,7 +347,10 @@ def load_arch(path: str, splits=None) -> tuple:
 
 
 def run_retrain(a, log=print) -> dict:
-    splits = load_data(a.data, a.data_dir, a.upscale)
+    check_device("--device", a.device)
+    space, gene = load_arch(a.arch)  # the file is checked before the data are loaded
+    data, upscale = arch_data(a, log)
+    splits = load_data(data, a.data_dir, upscale)
     space, gene = load_arch(a.arch, splits)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.arch)), "retrain" + ("-augment" if a.augment else ""))
     r = retrain(space, gene, splits, a.epochs, a.seed, out, augment=a.augment, device=a.device, progress=True, log=log)
@@ -327,15 +365,18 @@ def augment_parser() -> argparse.ArgumentParser:
         "ShiftAddAug against direct training of the same tiny net, over several seeds: 'augment' (inside a wider "
         "multiplicative net), 'direct' (the same training without the wide net) and 'direct-zoo' (the zoo recipe)."))
     p.add_argument("--arch", required=True, help="a tiny multiplication-free net (best.json of the shiftaddaug preset)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seeds", type=int_min(1), default=3)
+    p.add_argument("--epochs", type=int_min(1), default=30)
     p.add_argument("--out", default="runs/augment")
-    _common(p)
+    _common(p, from_arch=True)
     return p
 
 
 def run_augment_compare(a, log=print) -> dict:
-    splits = load_data(a.data, a.data_dir, a.upscale)
+    check_device("--device", a.device)
+    load_arch(a.arch)
+    data, upscale = arch_data(a, log)
+    splits = load_data(data, a.data_dir, upscale)
     space, gene = load_arch(a.arch, splits)
     os.makedirs(a.out, exist_ok=True)
     quiet = lambda *_: None  # noqa: E731
@@ -359,11 +400,11 @@ def rank_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shiftadd rank", description=(
         "Kendall tau between supernet-inherited and stand-alone accuracy of random subnets, per sharing mode."))
     p.add_argument("--space", default="digits")
-    p.add_argument("--subnets", type=int, default=20)
-    p.add_argument("--shares", default="naive,hetero")
-    p.add_argument("--epochs", type=int, default=30, help="supernet epochs")
-    p.add_argument("--standalone-epochs", type=int, default=15)
-    p.add_argument("--standalone-seeds", type=int, default=1,
+    p.add_argument("--subnets", type=int_min(2), default=20)
+    p.add_argument("--shares", type=_shares, default="naive,hetero", help="comma-separated among none, naive, hetero")
+    p.add_argument("--epochs", type=int_min(1), default=30, help="supernet epochs")
+    p.add_argument("--standalone-epochs", type=int_min(1), default=15)
+    p.add_argument("--standalone-seeds", type=int_min(1), default=1,
                    help="seeds per stand-alone training; its accuracy is their mean (on digits one run's "
                         "accuracy varies by about 0.5 %% from seed to seed)")
     p.add_argument("--out", default="runs/rank")
@@ -371,16 +412,29 @@ def rank_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _shares(text: str) -> list:
+    """argparse type of rank --shares."""
+    out = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in out if x not in ("none", "naive", "hetero")]
+    if not out or bad or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"comma-separated, distinct, among none, naive, hetero; got {text!r}")
+    return out
+
+
 def run_rank(a, log=print) -> dict:
     from scipy.stats import kendalltau
 
-    if a.standalone_seeds < 1:
-        raise ValueError(f"--standalone-seeds must be at least 1, got {a.standalone_seeds}")
+    check_device("--device", a.device)
+    shares = _shares(a.shares) if isinstance(a.shares, str) else a.shares
     splits = load_data(a.data, a.data_dir, a.upscale)
     space = space_for(a.space, splits)
     rng = random.Random(a.seed)
-    genes, seen = [], set()
+    genes, seen, draws = [], set(), 0
     while len(genes) < a.subnets:
+        draws += 1
+        if draws > 1000 * a.subnets:  # the space has fewer distinct genes than asked for
+            raise RunError(f"--subnets {a.subnets}: only {len(genes)} distinct subnets of space {space.name!r} "
+                           f"turned up in {draws - 1} draws; ask for fewer")
         g = space.sample(rng)
         if gene_key(g) not in seen:
             seen.add(gene_key(g))
@@ -396,14 +450,18 @@ def run_rank(a, log=print) -> dict:
     xt, yt = tensors(splits.train)
     xv, yv = tensors(splits.val)
     out = {"subnets": genes, "standalone_val_acc": standalone, "shares": {}}
-    for share in a.shares.split(","):
+    for share in shares:
         cfg = SearchConfig(strategy="random", share=share, seed=a.seed, supernet_epochs=a.epochs, random_samples=0)
         s = Search(space, TensorData(xt, yt, xv, yv, a.device), costs, cfg, os.path.join(a.out, share), a.device,
                    log=log)
         s.run()
         inherited = [s.evaluate(g) for g in genes]
         tau, p = kendalltau(inherited, standalone)
+        tau, p = (float(tau), float(p)) if math.isfinite(tau) else (None, None)  # all tied: undefined (JSON null)
         out["shares"][share] = {"inherited_val_acc": inherited, "kendall_tau": tau, "p_value": p}
+        if tau is None:
+            log(f"share={share}: Kendall tau undefined (every subnet scored the same on one side)")
+            continue
         log(f"share={share}: Kendall tau {tau:.3f} (p={p:.3g}) over {len(genes)} subnets")
     _write_json(os.path.join(a.out, "rank.json"), out)
     return out
@@ -420,12 +478,12 @@ def pipeline_parser() -> argparse.ArgumentParser:
         "(all-conv, all-shift, all-adder, 10 budget-matched random nets), write a report."))
     p.add_argument("--space", default="digits")
     p.add_argument("--out", default="runs/main")
-    p.add_argument("--budget-frac", type=float, default=0.5,
+    p.add_argument("--budget-frac", type=float_min(0, inclusive=False), default=0.5,
                    help="energy budget as a fraction of the space's most expensive uniform net (the widest "
                         "all-conv net where conv is in the space; default 0.5)")
-    p.add_argument("--epochs", type=int, default=None, help="retraining epochs (default 20; --quick 3)")
-    p.add_argument("--random", type=int, default=10, help="budget-matched random baselines")
-    p.add_argument("--seeds", type=int, default=None,
+    p.add_argument("--epochs", type=int_min(1), default=None, help="retraining epochs (default 20; --quick 3)")
+    p.add_argument("--random", type=int_min(0), default=10, help="budget-matched random baselines")
+    p.add_argument("--seeds", type=int_min(1), default=None,
                    help="training seeds per candidate (default 3; --quick 1): on digits one retraining's "
                         "test accuracy varies by about 0.6 %% (sd) from seed to seed, more than the "
                         "architectures of the space differ, so each candidate is scored by its mean")
@@ -436,6 +494,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
 
 
 def run_pipeline(a, log=print) -> dict:
+    check_device("--device", a.device)
     t0 = time.time()
     os.makedirs(a.out, exist_ok=True)
     splits = load_data(a.data, a.data_dir, a.upscale)
@@ -445,9 +504,9 @@ def run_pipeline(a, log=print) -> dict:
     ref_op = max(uniform_ops, key=lambda op: costs(space.uniform(op))["energy_uJ"])
     e_ref = costs(space.uniform(ref_op))["energy_uJ"]
     budget = a.budget_frac * e_ref
-    epochs = a.epochs or (3 if a.quick else 20)
-    if a.seeds is not None and a.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {a.seeds}")
+    epochs = a.epochs if a.epochs is not None else (3 if a.quick else 20)
+    if epochs < 1 or (a.seeds is not None and a.seeds < 1):
+        raise RunError(f"--epochs and --seeds must be at least 1, got {epochs} and {a.seeds}")
     seeds = [a.seed + i for i in range(a.seeds if a.seeds is not None else (1 if a.quick else 3))]
     log(f"[pipeline] space {space.name}, energy budget {budget:.3f} uJ ({a.budget_frac:.0%} of all-{ref_op} "
         f"{e_ref:.3f} uJ), retraining {epochs} epochs x {len(seeds)} seeds")
@@ -484,7 +543,8 @@ def run_pipeline(a, log=print) -> dict:
         done = {r["name"]: r for r in _read_json(results_path)}
     results = []
     for name, gene in cands:
-        if name in done and done[name]["gene"] == gene and done[name].get("seeds") == seeds:
+        if (name in done and done[name]["gene"] == gene and done[name].get("seeds") == seeds
+                and done[name].get("epochs") == epochs):  # a result of other settings is retrained
             results.append(done[name])
             continue
         runs = [retrain(space, gene, splits, epochs, sd, None, device=a.device, costs=costs, log=log) for sd in seeds]
@@ -533,8 +593,9 @@ def write_report(out: str, space, results: list, archive: list, budget: float, e
              f"seed {a.seed}, {seconds:.0f} s", "",
              f"Energy budget: {budget:.3f} uJ per inference ({a.budget_frac:.0%} of the widest all-{ref_op} net, "
              f"{e_ref:.3f} uJ; 45 nm fp32 energies, REFERENCE §4).", "",
-             f"Each candidate is retrained {n_seeds} time(s) (seeds {a.seed}..{a.seed + n_seeds - 1}); accuracies are "
-             "the mean, +- the sd over the seeds.", "",
+             f"Each candidate is retrained {n_seeds} time(s) for {searched.get('epochs')} epochs (seeds "
+             f"{a.seed}..{a.seed + n_seeds - 1}); accuracies are the mean"
+             + (", +- the sd over the seeds." if n_seeds > 1 else "."), "",
              "| candidate | test acc | val acc | energy uJ | latency ms | ops |", "|---|---|---|---|---|---|"]
     for r in results:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(r["ops"].items()))
@@ -553,7 +614,8 @@ def write_report(out: str, space, results: list, archive: list, budget: float, e
             sig = ("more than 2 standard errors" if abs(v["z"]) > 2 else "within 2 standard errors: not a "
                    "significant difference")
             err = f"standard error {v['se']:.4f} ({sig})"
-        lines += ["", f"Searched net: test acc {v['searched']:.4f} +- {v['searched_sd']:.4f} ({v['seeds']} seeds); "
+        spread = f" +- {v['searched_sd']:.4f} ({v['seeds']} seeds)" if v["seeds"] > 1 else " (1 seed)"
+        lines += ["", f"Searched net: test acc {v['searched']:.4f}{spread}; "
                       f"{v['random_n']} budget-matched random nets: {v['random_mean']:.4f} +- {v['random_sd']:.4f} "
                       f"(mean +- sd over the nets). The searched net {word} the random mean: difference "
                       f"{v['diff']:+.4f}, {err}."]

@@ -41,6 +41,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .._cli import RunError
 from .space import SearchSpace, gene_key
 from ..nn import recalibrate_bn
 from .supernet import Supernet
@@ -143,7 +144,9 @@ def save_state(path: str, state: dict) -> None:
 def load_state(path: str) -> Optional[dict]:
     if not os.path.exists(path):
         return None
-    return torch.load(path, weights_only=False)
+    from ..train import read_checkpoint
+
+    return read_checkpoint(path)  # RunError naming the file when it cannot be read
 
 
 def _rng_states(py_rng: random.Random) -> dict:
@@ -199,7 +202,12 @@ class Search:
         if s is None:
             return False
         if s["config"] != asdict(self.cfg) or s["space"] != self.space.to_dict():
-            raise ValueError(f"{self.state_path} belongs to a search with other settings; use a new --out or drop --resume")
+            from ..train import _settings_diff
+
+            diff = _settings_diff({"config": s["config"], "space": s["space"]},
+                                  {"config": asdict(self.cfg), "space": self.space.to_dict()})
+            raise RunError(f"{self.state_path} belongs to a search with other settings ({'; '.join(diff[:6])}); "
+                           "use a new --out or drop --resume")
         self.net.load_state_dict(s["net"])
         self._make_optimizers()
         self.opt.load_state_dict(s["opt"])
@@ -321,7 +329,7 @@ class Search:
         if not self.population:
             self.population = self.sample_feasible(c.population, lambda: self.space.sample(self.rng))
             if not self.population:
-                raise RuntimeError(f"no architecture of the space meets the budget {c.budget}")
+                raise RunError(f"no architecture of the space meets the budget {c.budget}")
         while self.generation < c.generations:
             t0 = time.time()
             for g in self.population:
@@ -485,9 +493,9 @@ class Search:
         tries += [self.space.sample(probe) for _ in range(200)]
         if any(self.feasible(g) is not None for g in tries):  # stops at the first that fits
             return
-        lowest = min(self.costs(g)["energy_uJ"] for g in tries)
-        raise RuntimeError(f"no architecture of space {self.space.name!r} meets the budget {self.cfg.budget} "
-                           f"(lowest energy found: {lowest:.4f} uJ)")
+        lowest = ", ".join(f"{k} {min(self.costs(g)[k] for g in tries):.4g}" for k in self.cfg.budget)
+        raise RunError(f"no architecture of space {self.space.name!r} meets the budget {self.cfg.budget} "
+                       f"(lowest found of each: {lowest})")
 
     def run(self, resume: bool = False) -> dict:
         from ..train import deterministic_algorithms

@@ -23,9 +23,12 @@ one's stage, stride and whether skip is allowed there.
 from __future__ import annotations
 
 import json
+import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Sequence
+
+from .._cli import RunError
 
 OPS = ("conv", "shift", "adder", "shiftadd", "skip")
 MULT_FREE = ("shift", "adder", "shiftadd", "skip")
@@ -61,15 +64,35 @@ class SearchSpace:
     layer_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.stages = tuple(s if isinstance(s, StageSpec) else StageSpec(s["depth"], tuple(s["widths"]),
-                                                                          s.get("stride", 1))
-                            for s in self.stages)
-        self.ops, self.kernels = tuple(self.ops), tuple(self.kernels)
+        where = f"search space {self.name!r}"
+        if not isinstance(self.stages, (list, tuple)) or not self.stages:
+            raise RunError(f"{where}: stages must be a non-empty list, got {self.stages!r}")
+        stages = []
+        for i, st in enumerate(self.stages):
+            if not isinstance(st, StageSpec):
+                if not isinstance(st, dict) or not {"depth", "widths"} <= set(st) or set(st) - {"depth", "widths",
+                                                                                                  "stride"}:
+                    raise RunError(f"{where}: stage {i} must have depth, widths and optionally stride, got {st!r}")
+                st = StageSpec(st["depth"], _int_list(where, f"stage {i} widths", st["widths"]), st.get("stride", 1))
+            stages.append(StageSpec(_int_at_least(where, f"stage {i} depth", st.depth, 1),
+                                    _int_list(where, f"stage {i} widths", st.widths),
+                                    _int_at_least(where, f"stage {i} stride", st.stride, 1)))
+        self.stages = tuple(stages)
+        if not isinstance(self.ops, (list, tuple)) or not self.ops:
+            raise RunError(f"{where}: ops must be a non-empty list of operators from {OPS}, got {self.ops!r}")
+        self.ops = tuple(self.ops)
         bad = [o for o in self.ops if o not in OPS]
-        if bad:
-            raise ValueError(f"unknown operators {bad}; choose from {OPS}")
-        if not self.stages or any(s.depth < 1 or not s.widths for s in self.stages):
-            raise ValueError("every stage needs depth >= 1 and at least one width")
+        if bad or len(set(self.ops)) != len(self.ops):
+            raise RunError(f"{where}: ops {list(self.ops)}: unknown or repeated operators; choose from {OPS}")
+        if all(o == "skip" for o in self.ops):
+            raise RunError(f"{where}: ops needs an operator besides skip (a stride or width change cannot skip)")
+        self.kernels = _int_list(where, "kernels", self.kernels)
+        if any(k % 2 == 0 for k in self.kernels):
+            raise RunError(f"{where}: kernels must be odd (padding k // 2 keeps the size), got {list(self.kernels)}")
+        for name in ("stem", "in_channels", "num_classes", "image_size"):
+            setattr(self, name, _int_at_least(where, name, getattr(self, name), 1))
+        if not isinstance(self.layer_kwargs, dict):
+            raise RunError(f"{where}: layer_kwargs must be a mapping, got {self.layer_kwargs!r}")
 
     # ----------------------------------------------------------------------------------
 
@@ -185,6 +208,12 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchSpace":
+        if not isinstance(d, dict):
+            raise RunError(f"a search space is a mapping of its fields, got a {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        if set(d) - known or "name" not in d or "stages" not in d:
+            raise RunError(f"search space fields: name and stages are required, the others optional "
+                           f"({sorted(known)}); got {sorted(d)}")
         return cls(**d)
 
     @classmethod
@@ -197,10 +226,34 @@ class SearchSpace:
                 import yaml
             except ImportError as e:
                 raise ImportError("reading a YAML search space needs PyYAML (pip install pyyaml)") from e
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise RunError(f"{path}: not valid YAML ({e})") from None
         else:
-            data = json.loads(text)
-        return cls.from_dict(data)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RunError(f"{path}: not valid JSON ({e}); a space file is .json, .yaml or .yml") from None
+        try:
+            return cls.from_dict(data)
+        except RunError as e:
+            raise RunError(f"{path}: {e}") from None
+
+
+def _int_at_least(where: str, what: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise RunError(f"{where}: {what} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _int_list(where: str, what: str, v) -> tuple:
+    if not isinstance(v, (list, tuple)) or not v:
+        raise RunError(f"{where}: {what} must be a non-empty list of integers >= 1, got {v!r}")
+    out = tuple(_int_at_least(where, what, x, 1) for x in v)
+    if len(set(out)) != len(out):
+        raise RunError(f"{where}: {what} has repeated values {list(out)}")
+    return out
 
 
 def gene_key(gene: dict) -> str:
@@ -250,7 +303,9 @@ def get_space(name_or_path: str, in_channels: int = 1, num_classes: int = 10, im
     """A preset by name, or a YAML/JSON file; the data's shape fills in the rest."""
     if name_or_path in PRESETS:
         sp = SearchSpace(**PRESETS[name_or_path])
-    else:
+    elif os.path.isfile(name_or_path):
         sp = SearchSpace.load(name_or_path)
+    else:
+        raise RunError(f"space {name_or_path!r}: neither a preset ({', '.join(PRESETS)}) nor a YAML/JSON file")
     sp.in_channels, sp.num_classes, sp.image_size = in_channels, num_classes, image_size
     return sp
