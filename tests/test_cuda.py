@@ -182,11 +182,15 @@ def conv_case_id(c):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
 def test_conv_paths_dtypes_layouts(case, mode, dtype, layout, algo):
+    run_conv_case(case, mode, dtype, layout, algo)
+
+
+def run_conv_case(case, mode, dtype, layout, setting):
     xs, ws, stride, padding, dilation, groups = case
     x = make(xs, dtype, layout)
     w = make(ws, dtype)
     run_conv(x, w, (list(stride), list(padding), list(dilation), groups), mode, dtype,
-             f"conv {case} {layout} {algo}")
+             f"conv {case} {layout} {setting}")
 
 
 def test_conv_non_contiguous_weight_and_grad():
@@ -262,11 +266,7 @@ def split_k(request, monkeypatch):
     ((3, 12, 9, 10), (10, 6, 3, 3), (2, 1), (1, 1), (1, 2), 2),       # Og = 5, forced tiled
 ], ids=conv_case_id)
 def test_split_k_conv(case, mode, dtype, layout, split_k):
-    xs, ws, stride, padding, dilation, groups = case
-    x = make(xs, dtype, layout)
-    w = make(ws, dtype)
-    run_conv(x, w, (list(stride), list(padding), list(dilation), groups), mode, dtype,
-             f"conv {case} {layout} split {split_k}")
+    run_conv_case(case, mode, dtype, layout, f"tiles/split {split_k}")
 
 
 @pytest.mark.parametrize("split_k", SPLITS, indirect=True)
