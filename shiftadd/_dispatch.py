@@ -315,11 +315,13 @@ def warn_once_if_degraded() -> None:
     if _warned or _C is not None:
         return
     _warned = True
-    cuda_sub = "triton" if _TRITON_ERROR is None else "reference"
+    # what `auto` gives CUDA tensors without the extension: triton only once it is validated
+    cuda_sub = "triton" if _TRITON_ERROR is None and "triton" in GPU_VALIDATED else "reference"
+    forced = "" if cuda_sub == "triton" or _TRITON_ERROR is not None else " (triton when forced)"
     warnings.warn(
         f"shiftadd: compiled kernels unavailable: {_C_ERROR}. CPU tensors use the 'reference' backend"
-        f" (pure PyTorch, much slower); CUDA tensors use '{cuda_sub}'. `python -m shiftadd.info` shows details.",
-        RuntimeWarning, stacklevel=3)
+        f" (pure PyTorch, much slower); CUDA tensors use '{cuda_sub}'{forced}. `python -m shiftadd.info` shows "
+        "details.", RuntimeWarning, stacklevel=3)
 
 
 _load_extension()

@@ -15,7 +15,8 @@ weight is exact in any float dtype):
   (:func:`shiftadd.pack_pot`), in floating point or exactly in integers
 
 dtypes: float16, bfloat16, float32, float64 (x, weight and bias alike; float16/bfloat16
-accumulate in float32).  Under autocast the adder ops run in float32 (autocast's policy
+accumulate in float32, except float16 adders with ``accumulate="fp16x2"``, which sum
+chunks of 16 terms in float16 where a kernel for it runs).  Under autocast the adder ops run in float32 (autocast's policy
 for torch.cdist, the other L1 reduction): an adder output is a large negative sum whose
 spread across a channel is small, and BatchNorm after it would see that spread rounded
 away in a 16-bit output (measured: 2.6-3.5 % error after BN in bfloat16).
@@ -462,7 +463,7 @@ def shift_linear_packed(x: torch.Tensor, packed, bias: Optional[torch.Tensor] = 
 
 
 def shift_linear_int(x_int: torch.Tensor, packed) -> torch.Tensor:
-    """Exact integer shift layer, what a shift accelerator computes (REFERENCE §2).
+    """Exact integer shift layer, what a shift accelerator computes (DeepShift, Elhoushi et al., 2021).
 
     x_int (*, K) signed integers, e.g. fixed-point activations ``floor(x * 2^f)``;
     returns int64 (*, O) with ``y[o] = sum_k sign[o,k] * (x_int[k] >> s[o,k])``, where the

@@ -1,6 +1,6 @@
 """Packed power-of-two weights: 4, 8 or 16 bits per weight, lossless.
 
-A shift weight is ``±2^p`` or 0 (DeepShift, REFERENCE §2).  :func:`pack_pot` stores it as
+A shift weight is ``±2^p`` or 0 (DeepShift, Elhoushi et al., 2021).  :func:`pack_pot` stores it as
 one small code per weight plus two int32 numbers per output channel;
 :func:`unpack_pot` gives the dense weight back, bit for bit.
 

@@ -1,5 +1,5 @@
 """Adder operators: every backend against the float64 reference, and the reference
-against a brute-force loop implementation of REFERENCE §1."""
+against a brute-force loop implementation of AdderNet's definition."""
 
 import itertools
 

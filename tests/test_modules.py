@@ -240,3 +240,12 @@ def test_vmap_over_adder_layers():
     m = AdderLinear(8, 4).eval()
     x = torch.randn(5, 1, 8)
     torch.testing.assert_close(torch.func.vmap(m)(x), m(x))
+
+
+def test_conv_modules_take_nn_conv2d_positional_arguments():
+    args = (4, 8, 3, 1, 1, 1, 1, False, "reflect")  # nn.Conv2d's order, padding_mode included
+    ref = nn.Conv2d(*args)
+    x = torch.randn(2, 4, 6, 6)
+    for cls in (AdderConv2d, ShiftConv2d, ShiftAddConv2d):
+        m = cls(*args)
+        assert m.padding_mode == "reflect" and m(x).shape == ref(x).shape, cls.__name__

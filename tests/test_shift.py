@@ -1,4 +1,4 @@
-"""Power-of-two quantizers and shift layers (REFERENCE §2)."""
+"""Power-of-two quantizers and shift layers (DeepShift, Elhoushi et al., 2021)."""
 
 import math
 

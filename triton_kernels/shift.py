@@ -1,7 +1,7 @@
 """Triton kernels of the shift (DeepShift, power-of-two) operators.
 
 Quantizers (elementwise, one program per BLOCK elements, 64-bit offsets), bit for bit
-the rules of shiftadd/reference/shift.py (REFERENCE §2), b = weight_bits:
+the rules of shiftadd/reference/shift.py (DeepShift, Elhoushi et al., 2021), b = weight_bits:
 
 * ``quantize_pot_q(w, b, noise)``: |w| clamped into [2^-(2^(b-1)-1), 1] in float64;
   deterministic rounding reads round(log2 a) off the float64 bits (a = (1 + f 2^-52) 2^e:

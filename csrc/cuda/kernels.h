@@ -6,7 +6,7 @@
 // checks its configuration, enqueues its kernels on `stream` and returns the
 // cudaError_t of the launch (cudaSuccess, or the first error).  Nothing is synchronised.
 //
-// Adder operators (REFERENCE §1) as implicit GEMMs over rows r = (n, oy, ox) (R = N Ho Wo),
+// Adder operators (AdderNet, Chen et al., CVPR 2020) as implicit GEMMs over rows r = (n, oy, ox) (R = N Ho Wo),
 // output channels o inside a group (Og) and the reduction k = (c, i, j) inside a group
 // (K = Cg kh kw); X is the implicit im2col of x, padded positions read as zeros of x:
 //
@@ -95,7 +95,7 @@ cudaError_t adder_grad_weight_exact(const ConvGeom& g, DType dt, const float* gt
                                     void* dw, void* workspace, size_t workspace_bytes, Algo algo, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------
-// Power-of-two quantizers (REFERENCE §2), elementwise over n contiguous elements, bit
+// Power-of-two quantizers (DeepShift, Elhoushi et al., 2021), elementwise over n contiguous elements, bit
 // for bit what csrc/cpu/shift.cpp computes (all four dtypes, float64 included).
 // noise: nullptr for deterministic rounding, else n uniform [0, 1) values of dtype dt.
 // out: n values of dtype out_dt (any of the four; the exact result is converted once).

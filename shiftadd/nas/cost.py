@@ -1,7 +1,7 @@
 """Cost models for the NAS driver: analytic energy and a measured latency lookup table.
 
-Energy (REFERENCE §4)
----------------------
+Energy (45 nm, Horowitz, ISSCC 2014)
+------------------------------------
 Compute energy only, from per-operation figures at 45 nm (:data:`ENERGY_PJ`, each entry
 ``(value_pJ, source)``) times the elementary operations each layer performs.  The MACs of
 every layer are counted by one forward pass with hooks (``layer_costs``):
@@ -501,7 +501,7 @@ def main_energy(argv: Optional[Sequence[str]] = None, builder: Optional[Callable
     (unpickled in full: load only files you trust).  Returns the exit status.
     """
     p = argparse.ArgumentParser(prog="shiftadd energy", description="Per-layer compute energy of one inference "
-                                "(batch 1) from 45 nm per-operation figures (REFERENCE §4).")
+                                "(batch 1) from 45 nm per-operation figures (Horowitz, ISSCC 2014).")
     p.add_argument("--model", required=True,
                    help="model name (shiftadd.models.build_model) or path to a saved model .pt")
     p.add_argument("--variant", default="conv",

@@ -475,7 +475,8 @@ def run_rank(a, log=print) -> dict:
 def pipeline_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shiftadd pipeline", description=(
         "The main job: search under an energy budget, retrain the searched net and the baselines "
-        "(all-conv, all-shift, all-adder, 10 budget-matched random nets), write a report."))
+        "(all-conv, all-shift, all-adder, all-shiftadd where the space has them, 10 budget-matched random nets), "
+        "write a report."))
     p.add_argument("--space", default="digits")
     p.add_argument("--out", default="runs/main")
     p.add_argument("--budget-frac", type=float_min(0, inclusive=False), default=0.5,
@@ -592,7 +593,7 @@ def write_report(out: str, space, results: list, archive: list, budget: float, e
              f"shiftadd {__version__}, torch {torch.__version__}, device {a.device}, data {a.data}, space {space.name}, "
              f"seed {a.seed}, {seconds:.0f} s", "",
              f"Energy budget: {budget:.3f} uJ per inference ({a.budget_frac:.0%} of the widest all-{ref_op} net, "
-             f"{e_ref:.3f} uJ; 45 nm fp32 energies, REFERENCE §4).", "",
+             f"{e_ref:.3f} uJ; 45 nm fp32 energies, Horowitz ISSCC 2014).", "",
              f"Each candidate is retrained {n_seeds} time(s) for {searched.get('epochs')} epochs (seeds "
              f"{a.seed}..{a.seed + n_seeds - 1}); accuracies are the mean"
              + (", +- the sd over the seeds." if n_seeds > 1 else "."), "",

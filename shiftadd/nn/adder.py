@@ -56,14 +56,14 @@ class AdderConv2d(ConvArgs, nn.Module):
     ``eta`` (adaptive gradient scale, 0.2 as AdderNet; None turns it off) and
     ``grad_mode`` ("addernet": full-precision weight grad and HardTanh input grad;
     "exact": sign) and ``accumulate`` ("fp32", or "fp16x2": float16 inputs may be summed
-    in half2 arithmetic, see :func:`shiftadd.functional.adder_linear`).  Everything after
-    ``bias`` is keyword-only (nn.Conv2d's positional padding_mode would otherwise land on
-    eta).  Input (N, C, H, W) or (C, H, W); output (N, O, Ho, Wo).
+    in half2 arithmetic, see :func:`shiftadd.functional.adder_linear`).  ``padding_mode``
+    follows ``bias`` as in nn.Conv2d; the arguments after it are keyword-only.  Input
+    (N, C, H, W) -> (N, O, Ho, Wo), or (C, H, W) -> (O, Ho, Wo).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, *, eta: Optional[float] = 0.2, grad_mode: str = "addernet",
-                 padding_mode: str = "zeros", accumulate: str = "fp32", device=None, dtype=None):
+                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *, eta: Optional[float] = 0.2,
+                 grad_mode: str = "addernet", accumulate: str = "fp32", device=None, dtype=None):
         super().__init__()
         self._init_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         SF._check_grad_mode(grad_mode)

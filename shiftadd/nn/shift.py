@@ -4,14 +4,14 @@ weights are powers of two, ``W = s * 2^p``.
 mode "ps" (default, DeepShift-PS): parameters ``shift`` P and ``sign`` S; the weight is
 2^round(P) * sign(round(S)) (ternary sign).  mode "q" (DeepShift-Q): a float ``weight``,
 quantized to sign(w) * 2^round(log2 |w|) in every forward.  Gradients are
-straight-through (REFERENCE §2).  ``act_bits=(int_bits, frac_bits)`` rounds the input
+straight-through (DeepShift, Elhoushi et al., 2021).  ``act_bits=(int_bits, frac_bits)`` rounds the input
 and the bias to fixed point.  Stochastic rounding applies in training mode only.
 
 Path choice (``ShiftLinear``): in training, or whenever autograd needs the weight's
 gradient, the layer quantizes and runs F.linear (the training path).  In inference (eval
 mode, and no gradient needed for x or the parameters, outside torch.compile and autocast,
 x of the parameters' dtype, parameters not made under torch.inference_mode) with at
-most ``PACKED_MAX_ROWS`` input rows it packs its weight once into 4/8-bit codes (kept
+most ``PACKED_MAX_ROWS`` input rows it packs its weight once into 4, 8 or 16-bit codes (kept
 until a parameter changes: the parameters' version counters and storage are the cache
 key, so writes through ``.data``, which autograd does not see either, are not seen: call
 ``layer.clear_packed_cache()`` after them) and runs ``shift_linear_packed`` -- when the backend that op would get is a kernel

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the adder (L1) operators: the tests' oracle.
 
-Exact AdderNet semantics (REFERENCE §1), any device, any floating dtype (float16 and
+Exact AdderNet semantics (Chen et al., CVPR 2020), any device, any floating dtype (float16 and
 bfloat16 are computed in float32, float64 in float64), and bounded memory: the
 |X - W| broadcast is tiled over rows and output channels, and im2col over the batch,
 so that each temporary stays under ``chunk_bytes()`` (64 MB by default,

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the power-of-two (DeepShift) quantizers: the tests' oracle.
 
-REFERENCE §2.  With b = weight_bits:
+DeepShift (Elhoushi et al., 2021).  With b = weight_bits:
 
 * ``quantize_pot_q(w, b, noise)``: DeepShift-Q.  |w| is clamped into
   [2^-(2^(b-1)-1), 1], then ``sign(w) * 2^round(log2 |w|)``; sign(0) = 0.
