@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .. import use_backend
+from .. import _dispatch, use_backend
 from .timing import environment, markdown_table, measure
 
 
@@ -91,7 +91,8 @@ def inference_times(device, data_dir, batch: int, reps: int = 10) -> dict:
     x = next(iter(make_loaders(splits, batch, 0).train))[0].to(device)
     torch.manual_seed(0)
     nets = {"adder float32": build_model("resnet20", "adder", splits.num_classes, splits.in_channels).to(device)}
-    nets["adder int8 (exact sums)"] = quantize_adders_int8(copy.deepcopy(nets["adder float32"]), [x])
+    int8 = _dispatch.select_on("adder_linear_int8", torch.device(device), torch.float32)
+    nets[f"adder int8 (exact sums, {int8})"] = quantize_adders_int8(copy.deepcopy(nets["adder float32"]), [x])
     nets["adder 4-bit (exact sums)"] = quantize_adders_int8(copy.deepcopy(nets["adder float32"]), [x], bits=4)
     nets["conv (nn.Conv2d) float32"] = build_model("resnet20", "conv", splits.num_classes, splits.in_channels).to(device)
     for net in nets.values():
