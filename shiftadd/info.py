@@ -33,6 +33,8 @@ def report() -> str:
             tiles = os.environ.get("SHIFTADD_CUDA_TILES") or "classic" + why
             lines.append(f"  CUDA adder reduction splits (SHIFTADD_CUDA_SPLIT_K = auto | off | N): {split}")
             lines.append(f"  CUDA adder forward tiles (SHIFTADD_CUDA_TILES = fit | classic): {tiles}")
+            gin = os.environ.get("SHIFTADD_CUDA_GIN") or "clamp" + why
+            lines.append(f"  CUDA AdderNet-mode grad input form (SHIFTADD_CUDA_GIN = sat | clamp): {gin}")
     else:
         lines.append(f"compiled extension: NOT loaded: {_dispatch._C_ERROR}")
     lines.append(f"forced backend: {_dispatch.forced_backend()} (SHIFTADD_BACKEND / shiftadd.use_backend)")

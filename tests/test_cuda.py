@@ -238,19 +238,21 @@ def test_grid_beyond_65535_blocks():
 
 # --------------------------------------------------------------------------------------
 # kernel choices not yet the default (kernels.h Tuning): forward tiles fitted to the
-# channels (SHIFTADD_CUDA_TILES=fit) and the tiled forward and grad input summed in
+# channels (SHIFTADD_CUDA_TILES=fit), the tiled forward and grad input summed in
 # reduction splits (SHIFTADD_CUDA_SPLIT_K: auto, few tiles for the SMs, or forced; 100
-# exceeds every case's stage count).  Parameter "tiles/splits".
+# exceeds every case's stage count) and the saturate form of the AdderNet-mode grad input
+# (SHIFTADD_CUDA_GIN=sat).  Parameter "tiles/splits/gin".
 # --------------------------------------------------------------------------------------
 
-SPLITS = ["fit/off", "fit/auto", "classic/auto", "fit/3", "fit/100"]
+SPLITS = ["fit/off/sat", "fit/auto/sat", "classic/auto/clamp", "fit/3/sat", "fit/100/clamp"]
 
 
 @pytest.fixture
 def split_k(request, monkeypatch):
-    tiles, splits = request.param.split("/")
+    tiles, splits, gin = request.param.split("/")
     monkeypatch.setenv("SHIFTADD_CUDA_TILES", tiles)
     monkeypatch.setenv("SHIFTADD_CUDA_SPLIT_K", splits)
+    monkeypatch.setenv("SHIFTADD_CUDA_GIN", gin)
     monkeypatch.setenv("SHIFTADD_CUDA_ALGO", "tiled")
     return request.param
 
@@ -278,7 +280,7 @@ def test_split_k_linear(m, n, k, dtype, split_k):
         run_linear(make((m, k), dtype, "strided"), make((n, k), dtype), mode, dtype, f"linear split {split_k}")
 
 
-@pytest.mark.parametrize("split_k", ["fit/auto", "fit/3"], indirect=True)
+@pytest.mark.parametrize("split_k", ["fit/auto/sat", "fit/3/sat"], indirect=True)
 def test_split_k_nan_inf_and_determinism(split_k):
     x, w = make((2, 40, 9, 9), torch.float32), make((48, 40, 3, 3), torch.float32)
     x[0, 1, 2, 2] = float("nan")
@@ -299,7 +301,7 @@ def test_split_k_nan_inf_and_determinism(split_k):
         assert torch.equal(dx, cuda_op("adder_conv2d_grad_input")(g, x, w, *args, mode))
 
 
-def test_split_k_and_tiles_settings_are_checked(monkeypatch):
+def test_split_k_tiles_and_gin_settings_are_checked(monkeypatch):
     x, w = make((2, 8, 5, 5), torch.float32), make((4, 8, 3, 3), torch.float32)
     monkeypatch.setenv("SHIFTADD_CUDA_SPLIT_K", "many")
     with pytest.raises(RuntimeError, match="SHIFTADD_CUDA_SPLIT_K must be auto, off or a number"):
@@ -308,6 +310,11 @@ def test_split_k_and_tiles_settings_are_checked(monkeypatch):
     monkeypatch.setenv("SHIFTADD_CUDA_TILES", "wide")
     with pytest.raises(RuntimeError, match="SHIFTADD_CUDA_TILES must be fit or classic"):
         cuda_op("adder_conv2d")(x, w, [1, 1], [1, 1], [1, 1], 1, "addernet")
+    monkeypatch.setenv("SHIFTADD_CUDA_TILES", "fit")
+    monkeypatch.setenv("SHIFTADD_CUDA_GIN", "fast")
+    with pytest.raises(RuntimeError, match="SHIFTADD_CUDA_GIN must be sat or clamp"):
+        cuda_op("adder_conv2d_grad_input")(torch.randn(2, 4, 5, 5, device=DEV), x, w, [1, 1], [1, 1], [1, 1], 1,
+                                           "addernet")
 
 
 # --------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ k::Algo algo_from_env() {
 // passed the GPU tests and been timed (scripts/gpu_validate.sh runs both ways):
 //   SHIFTADD_CUDA_SPLIT_K = auto (the occupancy rule) | off | N (at most N splits, for tests)
 //   SHIFTADD_CUDA_TILES   = fit (forward tiles fitted to the channels) | classic
+//   SHIFTADD_CUDA_GIN     = sat (AdderNet-mode grad input in the saturate form) | clamp
 k::Tuning tuning_from_env() {
   k::Tuning t;
   const char* v = std::getenv("SHIFTADD_CUDA_SPLIT_K");
@@ -67,6 +68,12 @@ k::Tuning tuning_from_env() {
     const std::string s(tv);
     TORCH_CHECK(s == "fit" || s == "classic", "SHIFTADD_CUDA_TILES must be fit or classic, got '", s, "'");
     t.fit_tiles = s == "fit";
+  }
+  const char* gv = std::getenv("SHIFTADD_CUDA_GIN");
+  if (gv != nullptr && *gv != '\0') {
+    const std::string s(gv);
+    TORCH_CHECK(s == "sat" || s == "clamp", "SHIFTADD_CUDA_GIN must be sat or clamp, got '", s, "'");
+    t.sat_gin = s == "sat";
   }
   return t;
 }

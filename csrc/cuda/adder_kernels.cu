@@ -110,6 +110,17 @@ __device__ __forceinline__ float hardtanh(float d) {
   d = 1.f < d ? 1.f : d;
   return -1.f > d ? -1.f : d;
 }
+// clamp(a - b, 0, 1) in one instruction (FADD.SAT); NaN gives 0 (callers exclude NaN)
+__device__ __forceinline__ float sub_sat(float a, float b) {
+#if defined(__CUDA_ARCH__) && !defined(SA_EMULATION)
+  float d;
+  asm("sub.rn.sat.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+#else
+  const float d = a - b;
+  return d > 1.f ? 1.f : (d > 0.f ? d : 0.f);
+#endif
+}
 // sign(a - b) as torch.sign (0 for 0 and NaN), from comparisons: exact as the CPU's
 // sign of the difference (which never underflows to zero there) even under flush-to-zero
 __device__ __forceinline__ float sign_cmp(float a, float b) {
@@ -713,7 +724,12 @@ __device__ __forceinline__ TapHit tap_hit(const DevGeom& g, int n, int iy, int i
 // Split-K (part != nullptr): this block sums stages [z tps, (z + 1) tps), z = blockIdx.z,
 // into part (slice z of P x C floats, row stride prs, column stride pcs) for
 // adder_split_reduce; otherwise tps >= the stage count and the block writes dx.
-template <typename T, bool EXACT, class Cfg>
+// SAT (Tuning::sat_gin, AdderNet mode, blocks that run unmasked): hardtanh(d) = 2 s - 1
+// with s = clamp(d / 2 + 1/2, 0, 1), so sum_o g hardtanh(w - x) = 2 sum_o g s - sum_o g,
+// s = sat((w / 2 + 1/2) - x / 2): one FADD.SAT and one FFMA per term instead of FADD,
+// two FMNMX and FFMA, plus one add per row and stage for sum_o g (x / 2 is exact; w / 2 +
+// 1/2 rounds once).  The rounding differs from the clamp form (within float32 sums).
+template <typename T, bool EXACT, class Cfg, bool SAT = false>
 __global__ void __launch_bounds__(kThreads, 1)
     adder_gin_tiled(const DevGeom g, const float* __restrict__ gt, const T* __restrict__ x,
                     const float* __restrict__ wt2, const int* __restrict__ wbad, T* __restrict__ dx,
@@ -768,9 +784,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     const bool fast = __syncthreads_and((x_finite && w_finite) ? 1 : 0) != 0;
+    // SAT form: this tile's x halved (exact), the rows' sums of g, and whether it applies
+    const bool sat = SAT && !EXACT && fast;
+    float gs[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) gs[i] = 0.f;
+    if (sat) {
+#pragma unroll
+      for (int i = 0; i < 8; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++) xr[i][j] *= 0.5f;
+    }
 
     // the stage pipeline; masked: skip the terms of the rows flagged invalid
-    auto run = [&](auto masked) {
+    auto run = [&](auto masked, auto satc) {
+      constexpr bool kSat = decltype(satc)::value;
       int ld_tap = t0 / nOc, ld_oc = t0 - (t0 / nOc) * nOc;  // next stage to load
       TapHit hit = tap_hit(g, lpos.n, lpos.oy, lpos.ox, ld_tap);  // (a split may start inside a tap)
       hit.ok = hit.ok && lrow;
@@ -814,6 +842,17 @@ __global__ void __launch_bounds__(kThreads, 1)
           a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
           const float4 b0 = *reinterpret_cast<const float4*>(&Bs[buf][kk][tx * 4]);
           b[0] = b0.x; b[1] = b0.y; b[2] = b0.z; b[3] = b0.w;
+          if constexpr (kSat) {
+#pragma unroll
+            for (int j = 0; j < TN; j++) b[j] = fmaf(b[j], 0.5f, 0.5f);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+              gs[i] += a[i];
+#pragma unroll
+              for (int j = 0; j < TN; j++) acc[i][j] = fmaf(a[i], sub_sat(b[j], xr[i][j]), acc[i][j]);
+            }
+            continue;
+          }
 #pragma unroll
           for (int i = 0; i < 8; i++) {
 #pragma unroll
@@ -844,13 +883,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     };
     if constexpr (EXACT) {
-      run(BoolC<false>());  // sign is never NaN: 0 * sign is always an exact zero
+      run(BoolC<false>(), BoolC<false>());  // sign is never NaN: 0 * sign is always an exact zero
     } else {
-      if (fast) {
-        run(BoolC<false>());
+      if (sat) {
+        run(BoolC<false>(), BoolC<SAT>());
+      } else if (fast) {
+        run(BoolC<false>(), BoolC<false>());
       } else {
-        run(BoolC<true>());
+        run(BoolC<true>(), BoolC<false>());
       }
+    }
+    if (sat) {  // 2 sum g s - sum g
+#pragma unroll
+      for (int i = 0; i < 8; i++)
+#pragma unroll
+        for (int j = 0; j < TN; j++) acc[i][j] = fmaf(2.f, acc[i][j], -gs[i]);
     }
 
     if (part != nullptr) {
@@ -1460,13 +1507,16 @@ cudaError_t adder_grad_input(const ConvGeom& cg, DType dt, bool exact, const flo
       const dim3 grid(grid_cap(ceil_div(g.P, kThreads), kI32), grid_cap(g.C, kMaxGridY));
       SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, dxp, st);
     } else if (gk == GinKernel::Wide) {
-      auto kern = exact ? adder_gin_tiled<T, true, GinWide> : adder_gin_tiled<T, false, GinWide>;
+      auto kern = exact ? adder_gin_tiled<T, true, GinWide>
+                        : (tune.sat_gin ? adder_gin_tiled<T, false, GinWide, true> : adder_gin_tiled<T, false, GinWide>);
       const dim3 grid(grid_cap(ceil_div(g.P, GinWide::BM), kI32),
                       grid_cap((int64_t)g.G * ceil_div(g.Cg, GinWide::BN), kMaxGridY), (unsigned)sp.S);
       SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, (const int*)wbad, dxp, st, part,
                 sp.tps, prs, pcs);
     } else {
-      auto kern = exact ? adder_gin_tiled<T, true, GinNarrow> : adder_gin_tiled<T, false, GinNarrow>;
+      auto kern = exact ? adder_gin_tiled<T, true, GinNarrow>
+                        : (tune.sat_gin ? adder_gin_tiled<T, false, GinNarrow, true>
+                                        : adder_gin_tiled<T, false, GinNarrow>);
       const dim3 grid(grid_cap(ceil_div(g.P, GinNarrow::BM), kI32),
                       grid_cap((int64_t)g.G * ceil_div(g.Cg, GinNarrow::BN), kMaxGridY), (unsigned)sp.S);
       SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, (const int*)wbad, dxp, st, part,

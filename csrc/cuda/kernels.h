@@ -34,7 +34,8 @@ enum class Algo : int { Auto = 0, Tiled = 1, Direct = 2, Fp16x2 = 3 };
 
 // Choices of the tiled forward and grad input kernels that have not yet run on a GPU: off
 // by default until a GPU run has tested and timed them (the glue, csrc/cuda/adder.cpp, reads
-// them from SHIFTADD_CUDA_SPLIT_K and SHIFTADD_CUDA_TILES).  Results stay deterministic.
+// them from SHIFTADD_CUDA_SPLIT_K, SHIFTADD_CUDA_TILES and SHIFTADD_CUDA_GIN).  Results stay
+// deterministic.
 struct Tuning {
   // Reduction splits (split-K) when the output tiles alone leave SMs idle: < 0 by the rule
   // of k_split (adder_kernels.cu), 0 or 1 never, N > 1 at most N.  Not for the fp16x2
@@ -43,6 +44,9 @@ struct Tuning {
   // Forward tile widths fitted to the output channels: 16 wide for Og <= 16, 32 wide for
   // Og <= 64, else 128 (without: 32 wide up to Og = 32, then 128).  Not for fp16x2.
   bool fit_tiles = false;
+  // AdderNet-mode grad input in the saturate form (adder_gin_tiled SAT): one FADD.SAT and one
+  // FFMA per term instead of four instructions; the rounding differs within float32 sums.
+  bool sat_gin = false;
 };
 
 // The conv geometry, same fields and meaning as shiftadd::Geom in csrc/shiftadd.h (kept

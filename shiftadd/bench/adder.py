@@ -18,10 +18,12 @@ forward with float32 sums, with the largest relative difference between the two;
 "/ mult" is against the float16 multiplication layer (cuBLAS / cuDNN tensor cores), their
 "x unfold" and "x cdist" against the float32 baselines.
 
-On CUDA, rows "cuda tiles ..., split-K ..." time the forward, input gradient and training
-step with the kernel choices that are not yet the default (SHIFTADD_CUDA_TILES=fit: forward
-tiles fitted to the channels; SHIFTADD_CUDA_SPLIT_K=auto: reduction splits for layers with
-too few output tiles to fill the GPU), with the largest difference to the default forward.
+On CUDA, rows "cuda tiles ..., split-K ..., gin ..." time the forward, input gradient and
+training step with the kernel choices that are not yet the default (SHIFTADD_CUDA_TILES=fit:
+forward tiles fitted to the channels; SHIFTADD_CUDA_SPLIT_K=auto: reduction splits for
+layers with too few output tiles to fill the GPU; SHIFTADD_CUDA_GIN=sat: the AdderNet-mode
+input gradient in two instructions per term), with the largest difference to the default
+forward.
 
 Columns: ms (median), G adder-MAC/s, x unfold and x cdist (their time over this row's:
 speed-ups), / mult (this row's time over the multiplication layer's), peak MB (CUDA).
@@ -203,10 +205,12 @@ def run_case(case: Case, device: torch.device, include_reference: bool = True, m
         rows[-1]["/ mult"] = t / base["mult step"]
     if "cuda" in backends_for(case.family, device, False):  # kernel choices not yet the default
         op = _ops.op("cuda", case.family)
-        for tiles, splits in (("fit", "off"), ("classic", "auto"), ("fit", "auto")):
-            impl = f"cuda tiles {tiles}, split-K {splits}"
+        for tiles, splits, gin in (("fit", "off", "clamp"), ("classic", "auto", "clamp"), ("classic", "off", "sat"),
+                                   ("fit", "auto", "sat")):
+            impl = f"cuda tiles {tiles}, split-K {splits}, gin {gin}"
             try:  # kernel paths new to the GPU: a failure is a row, not the end of the table
-                with _env("SHIFTADD_CUDA_TILES", tiles), _env("SHIFTADD_CUDA_SPLIT_K", splits):
+                with _env("SHIFTADD_CUDA_TILES", tiles), _env("SHIFTADD_CUDA_SPLIT_K", splits), \
+                        _env("SHIFTADD_CUDA_GIN", gin):
                     t = add("forward", impl, lambda: op(x, w, *args, "addernet"))
                     rows[-1].update(_ratios(t, base, "mult"))
                     add("grad input (addernet)", impl,
