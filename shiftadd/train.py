@@ -578,13 +578,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--epochs", type=int_min(1), default=None, help="default: 15 on digits, 200 on CIFAR")
     a("--batch-size", type=int_min(1), default=None, help="default: 64 on digits, 128 on CIFAR (per process)")
     a("--lr", type=float_min(0, inclusive=False), default=None, help="default: 0.1 (sgd), 1e-3 (adam/radam)")
-    a("--shift-lr", type=float_min(0, inclusive=False), default=None, help="lr of PS shift/sign parameters (default 0.01 sgd, 1e-2 adam)")
+    a("--shift-lr", type=float_min(0, inclusive=False), default=None,
+      help="lr of PS shift/sign parameters (default 0.01 sgd, 1e-2 adam)")
     a("--weight-decay", type=float_min(0), default=None, help="default 5e-4")
     a("--momentum", type=float_min(0), default=None, help="SGD momentum, default 0.9")
     a("--optimizer", default=None, choices=OPTIMIZERS, help="default adam for shift-ps, else sgd")
     a("--width", type=float_min(0, inclusive=False), default=1.0, help="channel width multiplier")
     a("--mode", default=None, choices=("ps", "q"), help="shift mode (default ps)")
-    a("--weight-bits", type=int, choices=range(2, 9), metavar="{2..8}", default=None, help="shift weight bits (default 5)")
+    a("--weight-bits", type=int, choices=range(2, 9), metavar="{2..8}", default=None,
+      help="shift weight bits (default 5)")
     a("--eta", type=float_min(0, inclusive=False), default=None, help="adder adaptive gradient scale (default 0.2)")
     a("--grad-mode", default=None, choices=("addernet", "exact"), help="adder gradient (default addernet)")
     a("--seed", type=int, default=0)
