@@ -408,11 +408,12 @@ __device__ __forceinline__ void store_partial(float* __restrict__ part, long lon
 // Y tile [m0, m0 + BM) x [o0, o0 + BN) of group gi for every (gi, o-tile) assigned to
 // this block.  CL selects the global->shared mapping: threads along rows (NCHW x, k
 // order (c, i, j)) or along columns (channels-last x, k order (i, j, c)).
-// Split-K (part != nullptr): this block sums stages [z tps, (z + 1) tps), z = blockIdx.z,
-// and writes the positive partial sums to part (slice z of R x O floats, row stride prs,
-// column stride pcs) for adder_split_reduce; otherwise tps >= the stage count and the
-// block writes -acc to y.
-template <typename T, bool CL, class Cfg>
+// SPLIT (split-K): this block sums stages [z tps, (z + 1) tps), z = blockIdx.z, and
+// writes the positive partial sums to part (slice z of R x O floats, row stride prs,
+// column stride pcs) for adder_split_reduce; otherwise it sums all stages and writes -acc
+// to y (part, tps, prs, pcs unused: the instantiation without splits keeps the registers
+// of the kernel before splits existed, which the 128-register bound leaves no room for).
+template <typename T, bool CL, class Cfg, bool SPLIT = false>
 __global__ void __launch_bounds__(kThreads, 2)
     adder_fwd_tiled(const DevGeom g, const T* __restrict__ x, const int2* __restrict__ ktab,
                     const float* __restrict__ wt, T* __restrict__ y, const Strides4 ys, float* __restrict__ part,
@@ -428,8 +429,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int m0 = blockIdx.x * BM;
   const int nT = (g.K + BK - 1) / BK;
   const int nOt = (g.Og + BN - 1) / BN;
-  const int t0 = blockIdx.z * tps;  // this block's stages [t0, t1)
-  const int t1 = t0 + tps < nT ? t0 + tps : nT;
+  const int t0 = SPLIT ? blockIdx.z * tps : 0;  // this block's stages [t0, t1)
+  const int t1 = SPLIT ? (t0 + tps < nT ? t0 + tps : nT) : nT;
 
   // A loader: element q of this thread is (row S::a_row(a_m, q), column S::a_col(a_k, q)).
   // Per row: offset of its tap (0, 0) in x (may lie outside the image) and input
@@ -519,10 +520,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       __syncthreads();  // stage t consumed: its buffer may be refilled
     }
 
-    if (part == nullptr) {
-      store_tile<Cfg>(g, y, ys, m0, o0, gi, ty, tx, acc);
-    } else {
+    if constexpr (SPLIT) {
       store_partial<Cfg>(part + (long long)blockIdx.z * g.R * g.O, prs, pcs, g.R, g.Og, m0, o0, gi, ty, tx, acc);
+    } else {
+      store_tile<Cfg>(g, y, ys, m0, o0, gi, ty, tx, acc);
     }
   }
 }
@@ -851,19 +852,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
               for (int j = 0; j < TN; j++) acc[i][j] = fmaf(a[i], sub_sat(b[j], xr[i][j]), acc[i][j]);
             }
-            continue;
-          }
+          } else {
 #pragma unroll
-          for (int i = 0; i < 8; i++) {
+            for (int i = 0; i < 8; i++) {
 #pragma unroll
-            for (int j = 0; j < TN; j++) {
-              const float f = EXACT ? sign_cmp(b[j], xr[i][j]) : hardtanh(b[j] - xr[i][j]);
-              const float v = fmaf(a[i], f, acc[i][j]);
-              if constexpr (decltype(masked)::value) {
-                const bool valid = (((i < 4) ? v0 : v1) >> (8 * (i & 3))) & 1u;
-                acc[i][j] = valid ? v : acc[i][j];
-              } else {
-                acc[i][j] = v;
+              for (int j = 0; j < TN; j++) {
+                const float f = EXACT ? sign_cmp(b[j], xr[i][j]) : hardtanh(b[j] - xr[i][j]);
+                const float v = fmaf(a[i], f, acc[i][j]);
+                if constexpr (decltype(masked)::value) {
+                  const bool valid = (((i < 4) ? v0 : v1) >> (8 * (i & 3))) & 1u;
+                  acc[i][j] = valid ? v : acc[i][j];
+                } else {
+                  acc[i][j] = v;
+                }
               }
             }
           }
@@ -1275,6 +1276,13 @@ KSplit fwd_split(const ConvGeom& g, Algo algo, const Tuning& tune) {
   return k_split(tiles, stages, R * g.O, 2, tune.split_k);  // 2: __launch_bounds__(kThreads, 2)
 }
 
+// The tiled forward instantiation for channels-last x (cl) and reduction splits (split).
+template <typename T, class Cfg>
+auto fwd_tiled_kernel(bool cl, bool split) {
+  return cl ? (split ? adder_fwd_tiled<T, true, Cfg, true> : adder_fwd_tiled<T, true, Cfg, false>)
+            : (split ? adder_fwd_tiled<T, false, Cfg, true> : adder_fwd_tiled<T, false, Cfg, false>);
+}
+
 size_t fwd_workspace_plain(const ConvGeom& g, const KSplit& sp) {
   const int64_t nk = ceil_div(g.K, kKtabAlign) * kKtabAlign;
   const size_t part = sp.S > 1 ? align_up((size_t)sp.S * (size_t)(g.N * g.Ho * g.Wo * g.O) * sizeof(float)) : 0;
@@ -1345,15 +1353,15 @@ cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w
       const dim3 grid(grid_cap(ceil_div(g.R, kThreads), kI32), grid_cap(g.G, kMaxGridY));
       SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, xp, (const int2*)ktab, (const float*)wt, yp, st);
     } else if (fk == FwdKernel::Wide) {
-      auto kern = cl ? adder_fwd_tiled<T, true, FwdWide> : adder_fwd_tiled<T, false, FwdWide>;
+      auto kern = fwd_tiled_kernel<T, FwdWide>(cl, part != nullptr);
       SA_LAUNCH(kern, tiled_grid<FwdWide>(g, sp.S), dim3(kThreads), stream, g, xp, (const int2*)ktab,
                 (const float*)wt, yp, st, part, sp.tps, prs, pcs);
     } else if (fk == FwdKernel::Narrow) {
-      auto kern = cl ? adder_fwd_tiled<T, true, FwdNarrow> : adder_fwd_tiled<T, false, FwdNarrow>;
+      auto kern = fwd_tiled_kernel<T, FwdNarrow>(cl, part != nullptr);
       SA_LAUNCH(kern, tiled_grid<FwdNarrow>(g, sp.S), dim3(kThreads), stream, g, xp, (const int2*)ktab,
                 (const float*)wt, yp, st, part, sp.tps, prs, pcs);
     } else {
-      auto kern = cl ? adder_fwd_tiled<T, true, FwdNarrow16> : adder_fwd_tiled<T, false, FwdNarrow16>;
+      auto kern = fwd_tiled_kernel<T, FwdNarrow16>(cl, part != nullptr);
       SA_LAUNCH(kern, tiled_grid<FwdNarrow16>(g, sp.S), dim3(kThreads), stream, g, xp, (const int2*)ktab,
                 (const float*)wt, yp, st, part, sp.tps, prs, pcs);
     }
