@@ -728,8 +728,8 @@ __device__ __forceinline__ TapHit tap_hit(const DevGeom& g, int n, int iy, int i
 // SAT (Tuning::sat_gin, AdderNet mode, blocks that run unmasked): hardtanh(d) = 2 s - 1
 // with s = clamp(d / 2 + 1/2, 0, 1), so sum_o g hardtanh(w - x) = 2 sum_o g s - sum_o g,
 // s = sat((w / 2 + 1/2) - x / 2): one FADD.SAT and one FFMA per term instead of FADD,
-// two FMNMX and FFMA, plus one add per row and stage for sum_o g (x / 2 is exact; w / 2 +
-// 1/2 rounds once).  The rounding differs from the clamp form (within float32 sums).
+// two FMNMX and FFMA, plus one add per row and stage for sum_o g (x / 2 is exact for normal
+// x; w / 2 + 1/2 rounds once).  The rounding differs from the clamp form (within float32 sums).
 template <typename T, bool EXACT, class Cfg, bool SAT = false>
 __global__ void __launch_bounds__(kThreads, 1)
     adder_gin_tiled(const DevGeom g, const float* __restrict__ gt, const T* __restrict__ x,
@@ -785,7 +785,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     const bool fast = __syncthreads_and((x_finite && w_finite) ? 1 : 0) != 0;
-    // SAT form: this tile's x halved (exact), the rows' sums of g, and whether it applies
+    // SAT form: this tile's x halved (exact for normal x), the rows' sums of g, and whether it applies
     const bool sat = SAT && !EXACT && fast;
     float gs[8];
 #pragma unroll
@@ -1290,7 +1290,8 @@ size_t fwd_workspace_plain(const ConvGeom& g, const KSplit& sp) {
 }
 
 cudaError_t fwd_plain(const ConvGeom& cg, DType dt, const void* x, const void* w, int64_t wsO, int64_t wsK, void* y,
-                      const int64_t* ys, void* ws, size_t ws_bytes, Algo algo, const Tuning& tune, cudaStream_t stream) {
+                      const int64_t* ys, void* ws, size_t ws_bytes, Algo algo, const Tuning& tune,
+                      cudaStream_t stream) {
   if (cg.N * cg.Ho * cg.Wo == 0 || cg.Og == 0 || cg.G == 0) return cudaSuccess;
   if (cg.K <= 0) return cudaErrorInvalidValue;
   const KSplit sp = fwd_split(cg, algo, tune);
@@ -1516,7 +1517,8 @@ cudaError_t adder_grad_input(const ConvGeom& cg, DType dt, bool exact, const flo
       SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, dxp, st);
     } else if (gk == GinKernel::Wide) {
       auto kern = exact ? adder_gin_tiled<T, true, GinWide>
-                        : (tune.sat_gin ? adder_gin_tiled<T, false, GinWide, true> : adder_gin_tiled<T, false, GinWide>);
+                        : (tune.sat_gin ? adder_gin_tiled<T, false, GinWide, true>
+                                        : adder_gin_tiled<T, false, GinWide>);
       const dim3 grid(grid_cap(ceil_div(g.P, GinWide::BM), kI32),
                       grid_cap((int64_t)g.G * ceil_div(g.Cg, GinWide::BN), kMaxGridY), (unsigned)sp.S);
       SA_LAUNCH(kern, grid, dim3(kThreads), stream, g, gt, xp, (const float*)wt2, (const int*)wbad, dxp, st, part,
