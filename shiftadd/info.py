@@ -12,6 +12,12 @@ import torch
 from . import __version__, _dispatch, _ops
 
 
+# (what, variable, values, default when unset) of the CUDA kernel choices not yet the default
+CUDA_TUNING = (("adder reduction splits", "SHIFTADD_CUDA_SPLIT_K", "auto | off | N", "off"),
+               ("adder forward tiles", "SHIFTADD_CUDA_TILES", "fit | classic", "classic"),
+               ("AdderNet-mode grad input form", "SHIFTADD_CUDA_GIN", "sat | clamp", "clamp"))
+
+
 def report() -> str:
     lines = [f"shiftadd {__version__}", f"python {platform.python_version()} ({sys.executable})",
              f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}; "
@@ -27,14 +33,10 @@ def report() -> str:
         lines.append(f"compiled extension: loaded from {c.__file__}")
         lines.append(f"  CPU kernels: instruction set {c.cpu_isa()} (supported here: {', '.join(c.cpu_isas())})")
         lines.append(f"  CUDA kernels: {'built' if c.with_cuda else 'not built'}")
-        if c.with_cuda:
-            why = " (the default until these kernel choices run on a GPU)"
-            split = os.environ.get("SHIFTADD_CUDA_SPLIT_K") or "off" + why
-            tiles = os.environ.get("SHIFTADD_CUDA_TILES") or "classic" + why
-            lines.append(f"  CUDA adder reduction splits (SHIFTADD_CUDA_SPLIT_K = auto | off | N): {split}")
-            lines.append(f"  CUDA adder forward tiles (SHIFTADD_CUDA_TILES = fit | classic): {tiles}")
-            gin = os.environ.get("SHIFTADD_CUDA_GIN") or "clamp" + why
-            lines.append(f"  CUDA AdderNet-mode grad input form (SHIFTADD_CUDA_GIN = sat | clamp): {gin}")
+        if c.with_cuda:  # the kernel choices csrc/cuda/adder.cpp reads (tuning_from_env), with its defaults
+            for what, var, values, default in CUDA_TUNING:
+                value = os.environ.get(var) or f"{default} (the default until these kernel choices run on a GPU)"
+                lines.append(f"  CUDA {what} ({var} = {values}): {value}")
     else:
         lines.append(f"compiled extension: NOT loaded: {_dispatch._C_ERROR}")
     lines.append(f"forced backend: {_dispatch.forced_backend()} (SHIFTADD_BACKEND / shiftadd.use_backend)")

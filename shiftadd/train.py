@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._cli import RunError, check_device, float_min, int_min
+from ._cli import RunError, check_device, float_min, int_min, read_checkpoint, settings_diff
 from .data import DATASETS, Splits, epoch_seed, load_dataset, make_loaders
 from .models import MODELS, VARIANTS, build_model
 from .nn import ShiftConv2d, ShiftLinear, renormalize_eta_grads
@@ -410,7 +410,7 @@ def train(model: nn.Module, splits: Splits, epochs: Optional[int] = None, batch_
             if ck["epochs"] != epochs:
                 raise RunError(f"{ckpt_path} is a run of {ck['epochs']} epochs; resume it with epochs={ck['epochs']}"
                                f" (got {epochs}) or use a new out_dir")
-            diff = _settings_diff({k: ck[k] for k in run if k in ck}, run)
+            diff = settings_diff({k: ck[k] for k in run if k in ck}, run)
             if diff:
                 raise RunError(f"{ckpt_path} was trained with other settings than this run would continue with: "
                                f"{'; '.join(diff[:6])}; resume with the original arguments or use a new out_dir")
@@ -499,33 +499,6 @@ def train(model: nn.Module, splits: Splits, epochs: Optional[int] = None, batch_
         cleanup.close()
 
 
-def read_checkpoint(path: str) -> dict:
-    """torch.load of a run's checkpoint on the CPU (RNG states must stay there); RunError
-    naming the file when it cannot be read (cut short by a kill during a non-atomic copy,
-    another file)."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # zip reader, unpickling, OS errors: all mean an unusable file
-        raise RunError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); remove it to start over, "
-                       "or run without --resume") from e
-    if not isinstance(ck, dict):
-        raise RunError(f"{path} is not a checkpoint of this tool (a {type(ck).__name__}); remove it or run without "
-                       "--resume")
-    return ck
-
-
-def _settings_diff(old, new, prefix: str = "") -> list:
-    """'key: old -> new' for each leaf where two settings dicts differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += _settings_diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
-        old, new = list(old), list(new)
-    return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
-
-
 @contextlib.contextmanager
 def deterministic_algorithms():
     """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside the block (the
@@ -543,11 +516,15 @@ def load_model(path: str, map_location="cpu") -> nn.Module:
     """Rebuild a zoo model saved by :func:`main` / :func:`train` (``model.pt`` or
     ``checkpoint.pt`` whose meta names the model, variant, width, layer kwargs, classes and
     channels) and load its weights.  Returns it in eval mode."""
-    obj = torch.load(path, map_location=map_location, weights_only=False)
+    return model_from_saved(torch.load(path, map_location=map_location, weights_only=False), path)
+
+
+def model_from_saved(obj, source: str) -> nn.Module:
+    """:func:`load_model` of what torch.load read from `source` (named in errors)."""
     meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
     state = obj.get("state_dict", obj.get("model")) if isinstance(obj, dict) else None
     if meta.get("model") not in MODELS or "variant" not in meta or state is None:
-        raise ValueError(f"{path}: no zoo model description (meta with model, variant, ...) and weights; "
+        raise ValueError(f"{source}: no zoo model description (meta with model, variant, ...) and weights; "
                          "it was not written by shiftadd train")
     model = build_model(meta["model"], meta["variant"], meta.get("num_classes", 10), meta.get("in_channels", 3),
                         meta.get("width", 1.0), **meta.get("layer_kwargs", {}))

@@ -445,13 +445,9 @@ def _parse_width(s: str):
         return float(s)
 
 
-def saved_input_shape(path: str) -> Optional[tuple]:
-    """(C, H, W) of one input of the model in a model.pt of `shiftadd train` (its meta) or of
-    a NAS retrain (its space); None when the file does not record it."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        return None
+def saved_input_shape(obj) -> Optional[tuple]:
+    """(C, H, W) of one input of the model in a loaded model.pt of `shiftadd train` (its
+    meta) or of a NAS retrain (its space); None when it does not record it."""
     meta = obj.get("meta", obj) if isinstance(obj, dict) else {}
     if isinstance(meta.get("space"), dict):
         sp = meta["space"]
@@ -464,7 +460,11 @@ def saved_input_shape(path: str) -> Optional[tuple]:
 
 def _load_model_file(path: str) -> nn.Module:
     """A saved nn.Module, a zoo model.pt of `shiftadd train`, or a NAS model.pt (gene + space)."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    return _model_from_file_object(torch.load(path, map_location="cpu", weights_only=False), path)
+
+
+def _model_from_file_object(obj, path: str) -> nn.Module:
+    """:func:`_load_model_file` of what torch.load read from `path`."""
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, dict):
@@ -485,9 +485,9 @@ def _load_model_file(path: str) -> nn.Module:
                 net.load_state_dict(state)
             return net.eval()
         if meta.get("model") is not None:
-            from ..train import load_model
+            from ..train import model_from_saved
 
-            return load_model(path)
+            return model_from_saved(obj, path)
     raise ValueError(f"{path}: expected a saved nn.Module, a model.pt of `shiftadd train` or of a NAS retrain; "
                      f"got {type(obj).__name__}")
 
@@ -518,10 +518,11 @@ def main_energy(argv: Optional[Sequence[str]] = None, builder: Optional[Callable
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
 
     if os.path.isfile(a.model) or a.model.endswith((".pt", ".pth")):
-        model = _load_model_file(a.model)
+        obj = torch.load(a.model, map_location="cpu", weights_only=False)
+        model = _model_from_file_object(obj, a.model)
         source = a.model
         if a.input is None:
-            a.input = saved_input_shape(a.model)
+            a.input = saved_input_shape(obj)
     else:
         if builder is None:
             try:

@@ -312,12 +312,11 @@ def retrain_parser() -> argparse.ArgumentParser:
     return p
 
 
-def arch_data(a, log=print) -> tuple:
-    """(data, upscale) to retrain the arch file a.arch on: a.data / a.upscale where given,
-    else those it was searched on (best.json records them; digits for files without).  A
-    different dataset or size is allowed (a transfer), and said."""
-    d = _read_json(a.arch)
-    rec_data, rec_up = (d.get("data"), d.get("upscale")) if isinstance(d, dict) else (None, None)
+def arch_data(a, d: dict, log=print) -> tuple:
+    """(data, upscale) to retrain the arch file a.arch (its contents `d`) on: a.data /
+    a.upscale where given, else those it was searched on (best.json records them; digits
+    for files without).  A different dataset or size is allowed (a transfer), and said."""
+    rec_data, rec_up = d.get("data"), d.get("upscale")
     data = a.data or rec_data or "digits"
     upscale = a.upscale if a.upscale is not None else (rec_up if a.data in (None, rec_data) else None)
     if rec_data is not None and (data, upscale) != (rec_data, rec_up):
@@ -327,15 +326,25 @@ def arch_data(a, log=print) -> tuple:
     return data, upscale
 
 
-def load_arch(path: str, splits=None) -> tuple:
-    """(space, gene) of a best.json (or any JSON with "gene" and "space"); `splits` (when
-    given) sets the data's channels, classes and image size."""
+def read_arch(path: str) -> dict:
+    """The JSON object of an arch file (best.json, or any JSON with "gene" and "space")."""
     try:
         d = _read_json(path)
     except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"--arch {path}: cannot read it as JSON ({e})") from None
     if not isinstance(d, dict):
         raise RunError(f"--arch {path}: expected a JSON object with 'gene' and 'space', got a {type(d).__name__}")
+    return d
+
+
+def load_arch(path: str, splits=None) -> tuple:
+    """(space, gene) of a best.json (or any JSON with "gene" and "space"); `splits` (when
+    given) sets the data's channels, classes and image size."""
+    return arch_space_gene(read_arch(path), splits)
+
+
+def arch_space_gene(d: dict, splits=None) -> tuple:
+    """:func:`load_arch` of an arch file's contents `d`."""
     gene = d.get("gene", d)
     if isinstance(d.get("space"), dict):
         space = SearchSpace.from_dict(d["space"])
@@ -348,10 +357,11 @@ def load_arch(path: str, splits=None) -> tuple:
 
 def run_retrain(a, log=print) -> dict:
     check_device("--device", a.device)
-    space, gene = load_arch(a.arch)  # the file is checked before the data are loaded
-    data, upscale = arch_data(a, log)
+    d = read_arch(a.arch)
+    arch_space_gene(d)  # the gene is checked before the data are loaded
+    data, upscale = arch_data(a, d, log)
     splits = load_data(data, a.data_dir, upscale)
-    space, gene = load_arch(a.arch, splits)
+    space, gene = arch_space_gene(d, splits)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.arch)), "retrain" + ("-augment" if a.augment else ""))
     r = retrain(space, gene, splits, a.epochs, a.seed, out, augment=a.augment, device=a.device, progress=True, log=log)
     os.makedirs(out, exist_ok=True)
@@ -374,10 +384,11 @@ def augment_parser() -> argparse.ArgumentParser:
 
 def run_augment_compare(a, log=print) -> dict:
     check_device("--device", a.device)
-    load_arch(a.arch)
-    data, upscale = arch_data(a, log)
+    d = read_arch(a.arch)
+    arch_space_gene(d)  # the gene is checked before the data are loaded
+    data, upscale = arch_data(a, d, log)
     splits = load_data(data, a.data_dir, upscale)
-    space, gene = load_arch(a.arch, splits)
+    space, gene = arch_space_gene(d, splits)
     os.makedirs(a.out, exist_ok=True)
     quiet = lambda *_: None  # noqa: E731
     out = {"gene": gene, "runs": {}}

@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .._cli import RunError
+from .._cli import RunError, read_checkpoint, settings_diff
 from .space import SearchSpace, gene_key
 from ..nn import recalibrate_bn
 from .supernet import Supernet
@@ -144,8 +144,6 @@ def save_state(path: str, state: dict) -> None:
 def load_state(path: str) -> Optional[dict]:
     if not os.path.exists(path):
         return None
-    from ..train import read_checkpoint
-
     return read_checkpoint(path)  # RunError naming the file when it cannot be read
 
 
@@ -202,9 +200,7 @@ class Search:
         if s is None:
             return False
         if s["config"] != asdict(self.cfg) or s["space"] != self.space.to_dict():
-            from ..train import _settings_diff
-
-            diff = _settings_diff({"config": s["config"], "space": s["space"]},
+            diff = settings_diff({"config": s["config"], "space": s["space"]},
                                   {"config": asdict(self.cfg), "space": self.space.to_dict()})
             raise RunError(f"{self.state_path} belongs to a search with other settings ({'; '.join(diff[:6])}); "
                            "use a new --out or drop --resume")
