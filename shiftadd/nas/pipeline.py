@@ -355,13 +355,19 @@ def arch_space_gene(d: dict, splits=None) -> tuple:
     return space, space.validate(gene)
 
 
-def run_retrain(a, log=print) -> dict:
+def arch_and_data(a, log=print) -> tuple:
+    """(space, gene, splits) of the commands that train an arch file (retrain, augment-compare):
+    the device and the gene are checked before the data are loaded."""
     check_device("--device", a.device)
     d = read_arch(a.arch)
-    arch_space_gene(d)  # the gene is checked before the data are loaded
+    arch_space_gene(d)
     data, upscale = arch_data(a, d, log)
     splits = load_data(data, a.data_dir, upscale)
-    space, gene = arch_space_gene(d, splits)
+    return (*arch_space_gene(d, splits), splits)
+
+
+def run_retrain(a, log=print) -> dict:
+    space, gene, splits = arch_and_data(a, log)
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.arch)), "retrain" + ("-augment" if a.augment else ""))
     r = retrain(space, gene, splits, a.epochs, a.seed, out, augment=a.augment, device=a.device, progress=True, log=log)
     os.makedirs(out, exist_ok=True)
@@ -383,12 +389,7 @@ def augment_parser() -> argparse.ArgumentParser:
 
 
 def run_augment_compare(a, log=print) -> dict:
-    check_device("--device", a.device)
-    d = read_arch(a.arch)
-    arch_space_gene(d)  # the gene is checked before the data are loaded
-    data, upscale = arch_data(a, d, log)
-    splits = load_data(data, a.data_dir, upscale)
-    space, gene = arch_space_gene(d, splits)
+    space, gene, splits = arch_and_data(a, log)
     os.makedirs(a.out, exist_ok=True)
     quiet = lambda *_: None  # noqa: E731
     out = {"gene": gene, "runs": {}}
