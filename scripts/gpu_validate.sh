@@ -6,12 +6,13 @@
 # ./gpu-logs), one file per step; each step has its own time limit so one slow step
 # cannot swallow the others.  One device call runs at most 600 s: split the steps over
 # calls (the machine stays warm between them, so the build is kept), e.g.
-#   STEPS="build info tests"   STEPS="sanitizer adder"   STEPS="shift nas"   STEPS="nas-split ncu"
+#   STEPS="build info tests"   STEPS="sanitizer adder"   STEPS="shift nas"   STEPS="nas-classic ncu"
 #   STEPS="build info tests sanitizer adder shift nas"  (default: all, in this order;
 #          also "crash": the backtrace of the open quantizer bad-argument crash, and
 #          "ncu": Nsight Compute's basic set for the adder forward kernels of two benchmark shapes
-#          and the fp16x2 forward; "nas-split": bench_nas with SHIFTADD_CUDA_TILES=fit,
-#          SHIFTADD_CUDA_SPLIT_K=auto and SHIFTADD_CUDA_GIN=sat)
+#          and the fp16x2 forward; "nas-classic": bench_nas with the adder kernels before the
+#          2026-11-23 defaults: SHIFTADD_CUDA_TILES=classic, SHIFTADD_CUDA_SPLIT_K=off and
+#          SHIFTADD_CUDA_GIN=clamp)
 #   TEST_ARGS="..."  extra pytest arguments for the tests step
 # Uses the python on PATH (no virtual environment: the GPU image's torch is used as is).
 set -uo pipefail
@@ -57,8 +58,8 @@ for s in $STEPS; do
     # after their out_dtype rewrite): force the cuda backend so those rows time its kernels
     shift) step shift "${SHIFT_LIMIT:-150}" env SHIFTADD_BACKEND=cuda "$PY" benchmarks/bench_shift.py --device cuda ;;
     nas) step nas "${NAS_LIMIT:-360}" "$PY" benchmarks/bench_nas.py --device cuda ;;
-    # the end-to-end rows again with the adder kernel choices not yet the default (fitted tiles, reduction splits)
-    nas-split) step nas-split "${NAS_LIMIT:-360}" env SHIFTADD_CUDA_TILES=fit SHIFTADD_CUDA_SPLIT_K=auto SHIFTADD_CUDA_GIN=sat \
+    # the end-to-end rows again with the earlier adder kernels (no fitted tiles, splits or saturate form)
+    nas-classic) step nas-classic "${NAS_LIMIT:-360}" env SHIFTADD_CUDA_TILES=classic SHIFTADD_CUDA_SPLIT_K=off SHIFTADD_CUDA_GIN=clamp \
                  "$PY" benchmarks/bench_nas.py --device cuda --search-upscale 0 ;;
     crash) step crash 120 bash -c "readelf -x .eh_frame_hdr shiftadd/_C*.so | sed -n 3p; \
              TORCH_SHOW_CPP_STACKTRACES=1 $PY -c 'import torch, shiftadd; torch.ops.shiftadd.quantize_pot_q(torch.randn(5, device=\"cuda\"), 9, None)'; \

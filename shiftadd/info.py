@@ -12,10 +12,10 @@ import torch
 from . import __version__, _dispatch, _ops
 
 
-# (what, variable, values, default when unset) of the CUDA kernel choices not yet the default
-CUDA_TUNING = (("adder reduction splits", "SHIFTADD_CUDA_SPLIT_K", "auto | off | N", "off"),
-               ("adder forward tiles", "SHIFTADD_CUDA_TILES", "fit | classic", "classic"),
-               ("AdderNet-mode grad input form", "SHIFTADD_CUDA_GIN", "sat | clamp", "clamp"))
+# (what, variable, values, default when unset) of the CUDA adder kernel choices
+CUDA_TUNING = (("adder reduction splits", "SHIFTADD_CUDA_SPLIT_K", "auto | off | N", "auto"),
+               ("adder forward tiles", "SHIFTADD_CUDA_TILES", "fit | classic", "fit"),
+               ("AdderNet-mode grad input form", "SHIFTADD_CUDA_GIN", "sat | clamp", "sat"))
 
 
 def report() -> str:
@@ -35,7 +35,7 @@ def report() -> str:
         lines.append(f"  CUDA kernels: {'built' if c.with_cuda else 'not built'}")
         if c.with_cuda:  # the kernel choices csrc/cuda/adder.cpp reads (tuning_from_env), with its defaults
             for what, var, values, default in CUDA_TUNING:
-                value = os.environ.get(var) or f"{default} (the default until these kernel choices run on a GPU)"
+                value = os.environ.get(var) or f"{default} (the default)"
                 lines.append(f"  CUDA {what} ({var} = {values}): {value}")
     else:
         lines.append(f"compiled extension: NOT loaded: {_dispatch._C_ERROR}")

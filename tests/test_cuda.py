@@ -73,12 +73,17 @@ def make(shape, dtype, layout="contiguous", scale=1.0):
     return t
 
 
-def check(got, want, dtype, what, memory_format=None):
+def check(got, want, dtype, what, memory_format=None, floor=0.0):
+    """Relative error against the float64 `want`, over max(||want||, floor): a floor for
+    sums that cancel, where ||want|| says nothing of the rounding of their terms."""
     assert got.device.type == "cuda", what
     assert got.dtype == dtype and got.shape == want.shape, (what, got.dtype, got.shape, want.shape)
     if memory_format is not None:
         assert got.is_contiguous(memory_format=memory_format), f"{what}: wrong memory format {got.stride()}"
-    err = rel_err(got, want)
+    if floor > 0:
+        err = (got.double() - want.double()).norm().item() / max(want.double().norm().item(), floor)
+    else:
+        err = rel_err(got, want)
     assert err <= RTOL[dtype], f"{what}: relative error {err:.3g} > {RTOL[dtype]:.0e} ({dtype})"
 
 
@@ -88,8 +93,12 @@ def run_linear(x, w, mode, dtype, what):
     check(y, ref_op("adder_linear")(xr, wr, mode), dtype, f"{what} forward", torch.contiguous_format)
     g = make(y.shape, dtype)
     gr = g.double()
+    # each grad input element sums n terms g * HardTanh or g * sign, each at most |g|: with
+    # one output row and column (m = k = 1) the sum can cancel far below the terms (an
+    # H100 run failed once at 1x1 -> 1000); the floor is 1 % of the bound sum_n |g|
+    floor = 0.01 * (gr.abs().sum(1).norm() * x.shape[1] ** 0.5).item()
     check(cuda_op("adder_linear_grad_input")(g, x, w, mode), ref_op("adder_linear_grad_input")(gr, xr, wr, mode),
-          dtype, f"{what} grad input")
+          dtype, f"{what} grad input", floor=floor)
     check(cuda_op("adder_linear_grad_weight")(g, x, w, mode), ref_op("adder_linear_grad_weight")(gr, xr, wr, mode),
           dtype, f"{what} grad weight", torch.contiguous_format)
 
@@ -237,14 +246,15 @@ def test_grid_beyond_65535_blocks():
 
 
 # --------------------------------------------------------------------------------------
-# kernel choices not yet the default (kernels.h Tuning): forward tiles fitted to the
-# channels (SHIFTADD_CUDA_TILES=fit), the tiled forward and grad input summed in
-# reduction splits (SHIFTADD_CUDA_SPLIT_K: auto, few tiles for the SMs, or forced; 100
-# exceeds every case's stage count) and the saturate form of the AdderNet-mode grad input
-# (SHIFTADD_CUDA_GIN=sat).  Parameter "tiles/splits/gin".
+# kernel choices (kernels.h Tuning; the defaults fit/auto/sat since 2026-11-23): forward
+# tiles fitted to the channels (SHIFTADD_CUDA_TILES=fit), the tiled forward and grad input
+# summed in reduction splits (SHIFTADD_CUDA_SPLIT_K: auto, few tiles for the SMs, or forced;
+# 100 exceeds every case's stage count) and the saturate form of the AdderNet-mode grad
+# input (SHIFTADD_CUDA_GIN=sat); classic/off/clamp are the kernels before them.
+# Parameter "tiles/splits/gin".
 # --------------------------------------------------------------------------------------
 
-SPLITS = ["fit/off/sat", "fit/auto/sat", "classic/auto/clamp", "fit/3/sat", "fit/100/clamp"]
+SPLITS = ["fit/off/sat", "fit/auto/sat", "classic/auto/clamp", "fit/3/sat", "fit/100/clamp", "classic/off/clamp"]
 
 
 @pytest.fixture
@@ -297,8 +307,10 @@ def test_split_k_nan_inf_and_determinism(split_k):
             assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), mode
             fin = b.isfinite()
             torch.testing.assert_close(a.double()[fin], b[fin], rtol=1e-4, atol=1e-3)
-        assert torch.equal(y, cuda_op("adder_conv2d")(x, w, *args, mode))
-        assert torch.equal(dx, cuda_op("adder_conv2d_grad_input")(g, x, w, *args, mode))
+        # bit for bit, NaN where NaN (torch.equal counts NaN as different from itself)
+        same = dict(rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(y, cuda_op("adder_conv2d")(x, w, *args, mode), **same)
+        torch.testing.assert_close(dx, cuda_op("adder_conv2d_grad_input")(g, x, w, *args, mode), **same)
 
 
 def test_split_k_tiles_and_gin_settings_are_checked(monkeypatch):
@@ -559,7 +571,7 @@ def test_quantizers_reject_bad_arguments():
 # --------------------------------------------------------------------------------------
 
 PACKED_CASES = [  # (O, K, code bits, exponent span, top exponent, fraction of zeros)
-    (7, 8, 4, 7, 0, 0), (37, 1000, 4, 6, -3, 0.1), (129, 264, 4, 7, 2, 0.1), (16, 1001, 4, 6, 0, 0.1),
+    (7, 8, 4, 7, 0, 0), (37, 1000, 4, 6, -3, 0.1), (129, 264, 4, 7, 2, 0), (16, 1001, 4, 6, 0, 0.1),
     (11, 67, 8, 100, 0, 0.1), (5, 24, 16, 300, 40, 0.1), (3, 40, 4, 6, -100, 0.1), (300, 4104, 4, 6, 0, 0.1),
 ]
 
@@ -593,7 +605,7 @@ def test_packed_linear_matches_dense(backend, case, n, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_packed_linear_strided_x_and_unaligned_codes(dtype):
     gen = torch.Generator().manual_seed(5)
-    w = random_pot(40, 96, gen, 7, 0, 0.1)
+    w = random_pot(40, 96, gen, 6, 0, 0.1)
     p = pack_pot(w, code_bits=4).to(DEV)
     base = torch.randn(6, 200, generator=gen).to(DEV, dtype)
     for x in (base[:, 3:99], base[:, 8:104]):  # row stride 200; the first not 16-byte aligned
@@ -612,7 +624,7 @@ def test_packed_linear_weights_beyond_float32_like_the_reference(shift):
     """Channel exponents that put decoded weights past float32's range: inf or 0 weights,
     as the reference decodes, on the GEMV path (n <= 16) and the decode path (n = 17)."""
     gen = torch.Generator().manual_seed(9)
-    p = pack_pot(random_pot(24, 64, gen, 7, 0, 0.1), code_bits=4).to(DEV)
+    p = pack_pot(random_pot(24, 64, gen, 6, 0, 0.1), code_bits=4).to(DEV)
     p.scales = p.scales + shift
     for n in (16, 17):
         x = torch.randn(n, 64, generator=gen).to(DEV)

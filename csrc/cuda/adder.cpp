@@ -43,8 +43,7 @@ k::Algo algo_from_env() {
   return k::Algo::Auto;
 }
 
-// Kernel choices not yet run on a GPU (kernels.h, Tuning), off when unset until they have
-// passed the GPU tests and been timed (scripts/gpu_validate.sh runs both ways):
+// Kernel choices (kernels.h, Tuning; the first value of each is the default when unset):
 //   SHIFTADD_CUDA_SPLIT_K = auto (the occupancy rule) | off | N (at most N splits, for tests)
 //   SHIFTADD_CUDA_TILES   = fit (forward tiles fitted to the channels) | classic
 //   SHIFTADD_CUDA_GIN     = sat (AdderNet-mode grad input in the saturate form) | clamp
@@ -53,9 +52,9 @@ k::Tuning tuning_from_env() {
   const char* v = std::getenv("SHIFTADD_CUDA_SPLIT_K");
   if (v != nullptr && *v != '\0') {
     const std::string s(v);
-    if (s == "auto") {
-      t.split_k = -1;
-    } else if (s != "off") {
+    if (s == "off") {
+      t.split_k = 0;
+    } else if (s != "auto") {
       char* end = nullptr;
       const long n = std::strtol(v, &end, 10);
       TORCH_CHECK(end != v && *end == '\0' && n >= 0 && n <= 65535,

@@ -32,21 +32,22 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 // added to float32 (error about that of float16 sums of 16 terms, not of K), for every shape.
 enum class Algo : int { Auto = 0, Tiled = 1, Direct = 2, Fp16x2 = 3 };
 
-// Choices of the tiled forward and grad input kernels that have not yet run on a GPU: off
-// by default until a GPU run has tested and timed them (the glue, csrc/cuda/adder.cpp, reads
-// them from SHIFTADD_CUDA_SPLIT_K, SHIFTADD_CUDA_TILES and SHIFTADD_CUDA_GIN).  Results stay
-// deterministic.
+// Choices of the tiled forward and grad input kernels, on by default since the H100 run of
+// 2026-11-23 (GPU tests passed; each one timed against the earlier kernels in
+// benchmarks/RESULTS.md).  The glue, csrc/cuda/adder.cpp, reads them from
+// SHIFTADD_CUDA_SPLIT_K, SHIFTADD_CUDA_TILES and SHIFTADD_CUDA_GIN (off / classic / clamp
+// give the earlier kernels).  Results stay deterministic.
 struct Tuning {
   // Reduction splits (split-K) when the output tiles alone leave SMs idle: < 0 by the rule
   // of k_split (adder_kernels.cu), 0 or 1 never, N > 1 at most N.  Not for the fp16x2
   // forward.  The float32 sums are rounded differently with a split.
-  int split_k = 0;
+  int split_k = -1;
   // Forward tile widths fitted to the output channels: 16 wide for Og <= 16, 32 wide for
   // Og <= 64, else 128 (without: 32 wide up to Og = 32, then 128).  Not for fp16x2.
-  bool fit_tiles = false;
+  bool fit_tiles = true;
   // AdderNet-mode grad input in the saturate form (adder_gin_tiled SAT): one FADD.SAT and one
   // FFMA per term instead of four instructions; the rounding differs within float32 sums.
-  bool sat_gin = false;
+  bool sat_gin = true;
 };
 
 // The conv geometry, same fields and meaning as shiftadd::Geom in csrc/shiftadd.h (kept

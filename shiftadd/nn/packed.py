@@ -8,9 +8,9 @@ weight:
 
 * ``PackedShiftLinear`` runs ``shiftadd::shift_linear_packed``, which on the CPU reads
   the codes directly (decode by table lookup in registers, FMA; csrc/cpu/shift_packed.cpp);
-  on CUDA tensors the cuda kernel (a GEMV for up to 16 rows), then the Triton one (codes
-  decoded in registers, tl.dot), each once it has run on a GPU (``GPU_NOT_YET_RUN``); until
-  then the reference, which decodes and calls F.linear;
+  on CUDA tensors the cuda kernel (a GEMV for up to 16 rows, else decode + cuBLAS; GPU-tested
+  on an H100); the Triton one (codes decoded in registers, tl.dot) only when forced, as it
+  measured slower; without either the reference, which decodes and calls F.linear;
   ``forward_int`` is the exact integer mode (``shiftadd::shift_linear_int``).
 * ``PackedShiftConv2d`` decodes the weight once per forward and calls F.conv2d (on every
   device): the memory saving is in storage, not in the conv's weight traffic.
