@@ -13,7 +13,7 @@ from . import __version__, _dispatch, _ops
 
 
 # (what, variable, values, default when unset) of the CUDA adder kernel choices
-CUDA_TUNING = (("adder reduction splits", "SHIFTADD_CUDA_SPLIT_K", "auto | off | N", "auto"),
+CUDA_TUNING = (("adder reduction splits", "SHIFTADD_CUDA_SPLIT_K", "auto | off | N", "off"),
                ("adder forward tiles", "SHIFTADD_CUDA_TILES", "fit | classic", "fit"),
                ("AdderNet-mode grad input form", "SHIFTADD_CUDA_GIN", "sat | clamp", "sat"))
 

@@ -246,7 +246,7 @@ def test_grid_beyond_65535_blocks():
 
 
 # --------------------------------------------------------------------------------------
-# kernel choices (kernels.h Tuning; the defaults fit/auto/sat since 2026-11-23): forward
+# kernel choices (kernels.h Tuning; the defaults fit/off/sat since 2026-11-23): forward
 # tiles fitted to the channels (SHIFTADD_CUDA_TILES=fit), the tiled forward and grad input
 # summed in reduction splits (SHIFTADD_CUDA_SPLIT_K: auto, few tiles for the SMs, or forced;
 # 100 exceeds every case's stage count) and the saturate form of the AdderNet-mode grad

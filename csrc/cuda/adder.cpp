@@ -43,7 +43,7 @@ k::Algo algo_from_env() {
   return k::Algo::Auto;
 }
 
-// Kernel choices (kernels.h, Tuning; the first value of each is the default when unset):
+// Kernel choices (kernels.h, Tuning; unset: split-K off, fit, sat):
 //   SHIFTADD_CUDA_SPLIT_K = auto (the occupancy rule) | off | N (at most N splits, for tests)
 //   SHIFTADD_CUDA_TILES   = fit (forward tiles fitted to the channels) | classic
 //   SHIFTADD_CUDA_GIN     = sat (AdderNet-mode grad input in the saturate form) | clamp

@@ -32,16 +32,19 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
 // added to float32 (error about that of float16 sums of 16 terms, not of K), for every shape.
 enum class Algo : int { Auto = 0, Tiled = 1, Direct = 2, Fp16x2 = 3 };
 
-// Choices of the tiled forward and grad input kernels, on by default since the H100 run of
-// 2026-11-23 (GPU tests passed; each one timed against the earlier kernels in
-// benchmarks/RESULTS.md).  The glue, csrc/cuda/adder.cpp, reads them from
-// SHIFTADD_CUDA_SPLIT_K, SHIFTADD_CUDA_TILES and SHIFTADD_CUDA_GIN (off / classic / clamp
-// give the earlier kernels).  Results stay deterministic.
+// Choices of the tiled forward and grad input kernels, tested and timed on an H100 on
+// 2026-11-23 (benchmarks/RESULTS.md).  Fitted tiles and the saturate grad input are the
+// defaults (classic / clamp give the earlier kernels).  Splits stay off by default: they
+// made the few-tile layers' forward 1.1-1.4x faster, but their float32 partial sums (S
+// times the output) broke the memory bound (extra memory <= inputs + outputs) on
+// both layers they sped up.  The glue, csrc/cuda/adder.cpp, reads them from
+// SHIFTADD_CUDA_SPLIT_K, SHIFTADD_CUDA_TILES and SHIFTADD_CUDA_GIN.  Results stay
+// deterministic.
 struct Tuning {
   // Reduction splits (split-K) when the output tiles alone leave SMs idle: < 0 by the rule
   // of k_split (adder_kernels.cu), 0 or 1 never, N > 1 at most N.  Not for the fp16x2
   // forward.  The float32 sums are rounded differently with a split.
-  int split_k = -1;
+  int split_k = 0;
   // Forward tile widths fitted to the output channels: 16 wide for Og <= 16, 32 wide for
   // Og <= 64, else 128 (without: 32 wide up to Og = 32, then 128).  Not for fp16x2.
   bool fit_tiles = true;
