@@ -88,6 +88,7 @@ def test_choice_rule():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert T.choose("auto", cpu, 4) == "sad" and T.choose("auto", cpu, 8) == "sad"
     assert T.choose("auto", cuda, 2) == "thermometer" and T.choose("auto", cuda, 8) == "sad"
+    assert T.choose("auto", cuda, 3) == "sad" and T.choose("auto", cuda, 4) == "sad"
     assert T.choose("thermometer", cpu, 3) == "thermometer" and T.choose("sad", cuda, 3) == "sad"
 
 
