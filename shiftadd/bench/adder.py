@@ -208,7 +208,7 @@ def run_case(case: Case, device: torch.device, include_reference: bool = True, m
         for tiles, splits, gin in (("classic", "off", "clamp"), ("fit", "auto", "sat"), ("classic", "off", "sat"),
                                    ("fit", "auto", "clamp")):
             impl = f"cuda tiles {tiles}, split-K {splits}, gin {gin}"
-            try:  # kernel paths new to the GPU: a failure is a row, not the end of the table
+            try:  # a failure is a row, not the end of the table
                 with _env("SHIFTADD_CUDA_TILES", tiles), _env("SHIFTADD_CUDA_SPLIT_K", splits), \
                         _env("SHIFTADD_CUDA_GIN", gin):
                     t = add("forward", impl, lambda: op(x, w, *args, "addernet"))
@@ -241,8 +241,8 @@ def run_case(case: Case, device: torch.device, include_reference: bool = True, m
 
         wq = torch.randint(-128, 128, case.w, dtype=torch.int8, device=device)
         layer = AdderConv2dInt8(wq, float(x.abs().max()) / 127, None, case.stride, case.padding)
-        # its sums: the op auto picks (the reference on CUDA until the int8 kernel ran on a GPU), and the
-        # compiled kernel of the device forced where auto does not take it yet
+        # its sums: the op auto picks, and the compiled kernel of the device forced where auto
+        # does not take it (a kernel waiting in GPU_NOT_YET_RUN)
         sel = _dispatch.select_on("adder_linear_int8", device, torch.float32)  # (integer ops: their float twin)
         kern = "cuda" if device.type == "cuda" else "cpu"
         for name in [sel] + ([kern] if kern != sel and kern in backends_for("adder_linear_int8", device, False)

@@ -31,6 +31,7 @@ from . import cost
 from .net import SHIFT_MODE, GeneNet
 from .search import STRATEGIES, Search, SearchConfig, TensorData, pareto_front
 from .space import PRESETS, SHARE_OF_PRESET, STRATEGY_OF_PRESET, SearchSpace, count_ops, gene_key, get_space
+from .supernet import SHARES
 
 # --------------------------------------------------------------------------------------
 # costs
@@ -247,7 +248,7 @@ def search_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shiftadd search", description="Search an architecture on a weight-sharing supernet.")
     p.add_argument("--space", default="digits", help=f"a preset ({', '.join(PRESETS)}) or a YAML/JSON file")
     p.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: the preset's")
-    p.add_argument("--share", choices=("none", "naive", "hetero"), default=None, help="default: the preset's")
+    p.add_argument("--share", choices=SHARES, default=None, help="default: the preset's")
     p.add_argument("--budget", action="append", help="constraints, e.g. energy_uJ=2.5,latency_ms=1.0")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
@@ -427,9 +428,9 @@ def rank_parser() -> argparse.ArgumentParser:
 def _shares(text: str) -> list:
     """argparse type of rank --shares."""
     out = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in out if x not in ("none", "naive", "hetero")]
+    bad = [x for x in out if x not in SHARES]
     if not out or bad or len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"comma-separated, distinct, among none, naive, hetero; got {text!r}")
+        raise argparse.ArgumentTypeError(f"comma-separated, distinct, among {', '.join(SHARES)}; got {text!r}")
     return out
 
 
